@@ -1,0 +1,190 @@
+"""Student-side log-probs and top-k from hidden states, chunked over tokens (ALGORITHMS.md §3).
+
+Full logits are [T, V]: at T = 32K and V = 152K that is 19 GB in fp32, and autograd would keep that plus its
+log-softmax for the backward pass. Everything here goes from the final hidden states h[R,H] and the LM-head
+weight W[V,H] straight to what MOPD needs, one chunk of rows at a time (the idea of fused linear
+cross-entropy kernels, written in plain torch):
+
+    logits[c,V]  = h[c] @ W^T                      (upcast to fp32 before any reduction)
+    lse[c]       = logsumexp_V(logits)             (full-vocabulary normalisation, temperature 1)
+    logp[c,j]    = logits[c, ids[c,j]] − lse[c]
+
+Backward (the custom autograd Function below) recomputes each chunk's logits instead of storing them, so the
+extra memory in both passes is O(chunk · V), not O(T · V):
+
+    dlogits[c,v] = Σ_j g[c,j] · (1[v = ids[c,j]] − p[c,v])      p = exp(logits − lse)
+    dh[c]        = dlogits @ W          dW += dlogits^T @ h[c]
+
+Conventions: `hidden` is the body's final (post-norm) hidden state; the row at position t predicts token t+1,
+so callers shift ids exactly as for ordinary logits. The LM head has no bias (true of Qwen-class models).
+The sampling temperature never enters here (ALGORITHMS.md: log-probs in the loss are at temperature 1).
+Leading dimensions are free: hidden [N,T,H] or [T,H] (or any [...,H]); ids carry the same leading shape.
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 logits are too coarse for logsumexp over 152K entries; fp32 (or fp64 in tests) is kept.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{what} must lie in [0, {vocab_size}) (got min {int(ids.min())}, max {int(ids.max())}); "
+                         "replace padding ids with a valid id such as 0 and mask those positions out")
+
+
+class _ChunkedLogprobsAt(torch.autograd.Function):
+    """logp[R,K] = log_softmax(h @ W^T)[r, ids[r,k]], forward and backward chunked over rows R."""
+
+    @staticmethod
+    def forward(ctx, hidden_RH: torch.Tensor, weight_VH: torch.Tensor, ids_RK: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        acc_dtype = _accumulation_dtype(hidden_RH.dtype)
+        num_rows = hidden_RH.shape[0]
+        logprobs_RK = torch.empty(ids_RK.shape, dtype=acc_dtype, device=hidden_RH.device)
+        lse_R = torch.empty(num_rows, dtype=acc_dtype, device=hidden_RH.device)
+        for start in range(0, num_rows, chunk_size):
+            stop = min(start + chunk_size, num_rows)
+            logits_CV = (hidden_RH[start:stop] @ weight_VH.T).to(acc_dtype)
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            logprobs_RK[start:stop] = logits_CV.gather(-1, ids_RK[start:stop]) - lse_C.unsqueeze(-1)
+            lse_R[start:stop] = lse_C
+            del logits_CV
+        # Only h, W, ids and one float per row are kept; the logits are recomputed in backward.
+        ctx.save_for_backward(hidden_RH, weight_VH, ids_RK, lse_R)
+        ctx.chunk_size = chunk_size
+        return logprobs_RK
+
+    @staticmethod
+    def backward(ctx, grad_RK: torch.Tensor):
+        hidden_RH, weight_VH, ids_RK, lse_R = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc_dtype = lse_R.dtype
+        grad_hidden = torch.empty_like(hidden_RH) if need_hidden else None
+        # The weight gradient sums over every chunk: accumulate in fp32 even when W is bf16.
+        grad_weight_acc = (torch.zeros(weight_VH.shape, dtype=acc_dtype, device=weight_VH.device)
+                           if need_weight else None)
+        grad_RK = grad_RK.to(acc_dtype)
+        num_rows = hidden_RH.shape[0]
+        for start in range(0, num_rows, ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, num_rows)
+            hidden_CH = hidden_RH[start:stop]
+            grad_CK = grad_RK[start:stop]
+            # dlogits[c,v] = scatter(g)[c,v] − p[c,v] · Σ_j g[c,j]   (built in place in one [C,V] buffer)
+            dlogits_CV = (hidden_CH @ weight_VH.T).to(acc_dtype)
+            dlogits_CV.sub_(lse_R[start:stop].unsqueeze(-1)).exp_()                    # p[c,v]
+            dlogits_CV.mul_(-grad_CK.sum(-1, keepdim=True))
+            dlogits_CV.scatter_add_(-1, ids_RK[start:stop], grad_CK)
+            dlogits_CV = dlogits_CV.to(hidden_RH.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = dlogits_CV @ weight_VH
+            if need_weight:
+                grad_weight_acc += (dlogits_CV.T @ hidden_CH).to(acc_dtype)
+            del dlogits_CV
+        grad_weight = grad_weight_acc.to(weight_VH.dtype) if need_weight else None
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_logprobs_at(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Differentiable log πθ(ids) at given candidate ids, without materialising [T, V] logits.
+
+        logp[...,k] = log_softmax(hidden @ W^T)[..., ids[...,k]]
+
+    hidden [...,H] (e.g. [N,T,H]); lm_head_weight W [V,H]; ids long [...,K] (e.g. the student's top-k ids
+    from π_old, for the MOPD loss). Returns [...,K] in fp32 (fp64 if the inputs are fp64). Gradients flow to
+    hidden and W; peak extra memory in forward and backward is O(chunk_size · V).
+    """
+    if ids.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ids leading shape {tuple(ids.shape[:-1])} must match hidden's {tuple(hidden.shape[:-1])}")
+    if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight must be [V, H={hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    _check_ids(ids, lm_head_weight.shape[0], "ids")
+    lead_shape, hidden_size, num_ids = hidden.shape[:-1], hidden.shape[-1], ids.shape[-1]
+    hidden_RH = hidden.reshape(-1, hidden_size)
+    ids_RK = ids.reshape(-1, num_ids).to(torch.int64)
+    logprobs_RK = _ChunkedLogprobsAt.apply(hidden_RH, lm_head_weight, ids_RK, chunk_size)
+    return logprobs_RK.reshape(*lead_shape, num_ids)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor,
+                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Differentiable log πθ(y_t) of one given token per position.   hidden [...,H], token_ids [...] → [...]
+
+    The K = 1 case of `chunked_logprobs_at` (same bounded memory in forward and backward).
+    """
+    return chunked_logprobs_at(hidden, lm_head_weight, token_ids.unsqueeze(-1), chunk_size).squeeze(-1)
+
+
+@torch.no_grad()
+def chunked_topk(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely next tokens and their full-vocabulary log-probs (no gradient).
+
+        topk_ids[...,k], topk_logprobs[...,k] = TopK_k( log_softmax(hidden @ W^T) )     sorted descending
+
+    This is S_θ of ALGORITHMS.md §2.2 when called with the weights that generated the rollout (π_old).
+    Returns (long [...,k], fp32 [...,k]).
+    """
+    ids, logprobs, _ = _topk_pass(hidden, lm_head_weight, k, None, chunk_size)
+    return ids, logprobs
+
+
+@torch.no_grad()
+def chunked_topk_and_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int,
+                                    token_ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass for the start of a MOPD update: (topk_ids[...,k], topk_logprobs[...,k], token_logprobs[...]).
+
+    token_logprobs is log π_old(y_t) of the sampled tokens (needed for the gate, the reverse-KL metric and
+    the empty-overlap fallback); computing it with the top-k saves a second LM-head pass over T.
+    """
+    if token_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must be hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    return _topk_pass(hidden, lm_head_weight, k, token_ids, chunk_size)
+
+
+def _topk_pass(hidden, lm_head_weight, k, token_ids, chunk_size):
+    vocab_size, hidden_size = lm_head_weight.shape
+    if hidden.shape[-1] != hidden_size:
+        raise ValueError(f"lm_head_weight must be [V, H={hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}")
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k must be in [1, V={vocab_size}], got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    lead_shape = hidden.shape[:-1]
+    hidden_RH = hidden.reshape(-1, hidden_size)
+    num_rows = hidden_RH.shape[0]
+    acc_dtype = _accumulation_dtype(hidden.dtype)
+    topk_ids_RK = torch.empty(num_rows, k, dtype=torch.int64, device=hidden.device)
+    topk_logprobs_RK = torch.empty(num_rows, k, dtype=acc_dtype, device=hidden.device)
+    token_logprobs_R = None
+    if token_ids is not None:
+        _check_ids(token_ids, vocab_size, "token_ids")
+        token_ids_R = token_ids.reshape(-1).to(torch.int64)
+        token_logprobs_R = torch.empty(num_rows, dtype=acc_dtype, device=hidden.device)
+    for start in range(0, num_rows, chunk_size):
+        stop = min(start + chunk_size, num_rows)
+        logits_CV = (hidden_RH[start:stop] @ lm_head_weight.T).to(acc_dtype)
+        lse_C = torch.logsumexp(logits_CV, dim=-1, keepdim=True)
+        top_values_CK, top_ids_CK = torch.topk(logits_CV, k, dim=-1)          # sorted, largest first
+        topk_ids_RK[start:stop] = top_ids_CK
+        topk_logprobs_RK[start:stop] = top_values_CK - lse_C
+        if token_ids is not None:
+            picked = logits_CV.gather(-1, token_ids_R[start:stop].unsqueeze(-1))
+            token_logprobs_R[start:stop] = (picked - lse_C).squeeze(-1)
+        del logits_CV
+    topk_ids = topk_ids_RK.reshape(*lead_shape, k)
+    topk_logprobs = topk_logprobs_RK.reshape(*lead_shape, k)
+    token_logprobs = token_logprobs_R.reshape(lead_shape) if token_logprobs_R is not None else None
+    return topk_ids, topk_logprobs, token_logprobs

@@ -1,0 +1,137 @@
+"""Chunked student-side log-probs / top-k against the naive full-logits computation (float64, CPU)."""
+import pytest
+import torch
+
+from posttrain.algorithms.topk import (
+    chunked_logprobs_at,
+    chunked_token_logprobs,
+    chunked_topk,
+    chunked_topk_and_token_logprobs,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _inputs(n=2, t=7, h=5, v=11, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=gen, dtype=dtype)
+    weight = torch.randn(v, h, generator=gen, dtype=dtype)
+    return hidden, weight, gen
+
+
+def _naive_logprobs(hidden, weight):
+    return torch.log_softmax(hidden @ weight.T, dim=-1)            # [...,V], the thing we avoid materialising
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 14, 100])        # 1 row, uneven, exact multiple, ≥ rows
+def test_token_logprobs_values_and_gradients_match_naive(chunk_size):
+    hidden, weight, gen = _inputs()
+    token_ids = torch.randint(0, weight.shape[0], hidden.shape[:-1], generator=gen)
+    upstream = torch.randn(hidden.shape[:-1], generator=gen, dtype=torch.float64)   # arbitrary dL/dlogp
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunked = chunked_token_logprobs(h1, w1, token_ids, chunk_size=chunk_size)
+    (chunked * upstream).sum().backward()
+
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    naive = _naive_logprobs(h2, w2).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    (naive * upstream).sum().backward()
+
+    assert chunked.shape == token_ids.shape
+    torch.testing.assert_close(chunked, naive, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_logprobs_at_candidates_including_repeated_ids_matches_naive():
+    hidden, weight, gen = _inputs(n=3, t=4)
+    cand_ids = torch.randint(0, weight.shape[0], (3, 4, 5), generator=gen)
+    cand_ids[0, 0] = torch.tensor([2, 2, 2, 7, 7])                   # repeats: the scatter must add, not overwrite
+    upstream = torch.randn(cand_ids.shape, generator=gen, dtype=torch.float64)
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (chunked_logprobs_at(h1, w1, cand_ids, chunk_size=5) * upstream).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    naive = _naive_logprobs(h2, w2).gather(-1, cand_ids)
+    (naive * upstream).sum().backward()
+
+    torch.testing.assert_close(chunked_logprobs_at(hidden, weight, cand_ids, 5), naive.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_two_dimensional_hidden_and_gradcheck():
+    hidden, weight, gen = _inputs(n=1, t=6, h=3, v=5)
+    hidden = hidden[0].requires_grad_()                                 # [T,H]
+    weight = weight.requires_grad_()
+    ids = torch.randint(0, 5, (6, 2), generator=gen)
+    assert torch.autograd.gradcheck(lambda h, w: chunked_logprobs_at(h, w, ids, chunk_size=4), (hidden, weight))
+
+
+def test_hand_computed_single_row():
+    # h = [1, 0], W rows = [0,0], [1,0], [2,0]  →  logits [0, 1, 2], lse = log(1 + e + e²)
+    hidden = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    weight = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    lse = torch.log(torch.tensor(1 + torch.e + torch.e ** 2, dtype=torch.float64))
+    got = chunked_token_logprobs(hidden, weight, torch.tensor([1]))
+    torch.testing.assert_close(got, (1.0 - lse).reshape(1))
+    ids, logprobs = chunked_topk(hidden, weight, k=2)
+    assert ids.tolist() == [[2, 1]]
+    torch.testing.assert_close(logprobs, torch.stack([2.0 - lse, 1.0 - lse]).reshape(1, 2))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_topk_matches_naive_and_has_no_grad(chunk_size):
+    hidden, weight, gen = _inputs(n=2, t=9, v=40)
+    hidden.requires_grad_()
+    ids, logprobs = chunked_topk(hidden, weight, k=6, chunk_size=chunk_size)
+    naive_values, naive_ids = _naive_logprobs(hidden.detach(), weight).topk(6, dim=-1)
+    assert ids.shape == (2, 9, 6) and ids.dtype == torch.int64
+    assert torch.equal(ids, naive_ids)
+    torch.testing.assert_close(logprobs, naive_values, rtol=0, atol=1e-12)
+    assert not logprobs.requires_grad
+    assert bool((logprobs[..., :-1] >= logprobs[..., 1:]).all())        # sorted descending
+
+
+def test_topk_and_token_logprobs_in_one_pass():
+    hidden, weight, gen = _inputs(n=2, t=5, v=30)
+    token_ids = torch.randint(0, 30, (2, 5), generator=gen)
+    ids, top_lp, tok_lp = chunked_topk_and_token_logprobs(hidden, weight, 4, token_ids, chunk_size=3)
+    full = _naive_logprobs(hidden, weight)
+    assert torch.equal(ids, full.topk(4, dim=-1).indices)
+    torch.testing.assert_close(top_lp, full.topk(4, dim=-1).values, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tok_lp, full.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), rtol=0, atol=1e-12)
+
+
+def test_bf16_inputs_upcast_reductions_and_keep_grad_dtypes():
+    hidden, weight, gen = _inputs(n=1, t=8, h=16, v=64, dtype=torch.float32)
+    token_ids = torch.randint(0, 64, (1, 8), generator=gen)
+    h = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.to(torch.bfloat16).requires_grad_()
+    got = chunked_token_logprobs(h, w, token_ids, chunk_size=3)
+    assert got.dtype == torch.float32
+    got.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    # reference: the same bf16 logits, log-softmax in fp64
+    ref = torch.log_softmax((h.detach() @ w.detach().T).double(), -1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_bad_ids_are_rejected_with_a_fix():
+    hidden, weight, _ = _inputs()
+    bad = torch.full(hidden.shape[:-1], -100)
+    with pytest.raises(ValueError, match="replace padding ids"):
+        chunked_token_logprobs(hidden, weight, bad)
+    with pytest.raises(ValueError, match="k must be"):
+        chunked_topk(hidden, weight, k=weight.shape[0] + 1)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_float64():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    hidden, weight, gen = _inputs(n=2, t=33, h=8, v=50)
+    ids = torch.randint(0, 50, (2, 33, 3), generator=gen)
+    cpu = chunked_logprobs_at(hidden, weight, ids, chunk_size=7)
+    gpu = chunked_logprobs_at(hidden.cuda(), weight.cuda(), ids.cuda(), chunk_size=7).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-10)
