@@ -1,0 +1,374 @@
+"""MOPD math (ALGORITHMS.md §2.2): hand-computed values, the gradient identity, and the literal form's zero gradient."""
+import math
+
+import pytest
+import torch
+
+from posttrain.algorithms.gspo import gspo_loss
+from posttrain.algorithms.mopd import (
+    candidate_advantages,
+    keye_literal_loss,
+    mopd_loss,
+    normalise_token_weights,
+    overlap_advantages,
+    per_teacher_metrics,
+    teacher_logprobs_at_candidates,
+    train_inference_gate,
+)
+
+pytestmark = pytest.mark.unit
+F64 = torch.float64
+log = math.log
+
+
+def t64(x):
+    return torch.tensor(x, dtype=F64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# overlap_advantages
+# ---------------------------------------------------------------------------------------------------------
+
+def test_overlap_advantages_hand_computed():
+    # student top-3: ids 5, 2, 9 with π_old 0.5, 0.3, 0.1;  teacher top-3: ids 2, 7, 5 with π_T 0.6, 0.2, 0.1.
+    # Ω = {5, 2}; π̄(5) = 0.5/0.8, π̄(2) = 0.3/0.8; δ(5) = log(0.1/0.5), δ(2) = log(0.6/0.3); 9 ∉ Ω.
+    s_ids = torch.tensor([[[5, 2, 9]]])
+    s_lp = t64([[[log(0.5), log(0.3), log(0.1)]]])
+    t_ids = torch.tensor([[[2, 7, 5]]])
+    t_lp = t64([[[log(0.6), log(0.2), log(0.1)]]])
+    cand_mask, cand_adv = overlap_advantages(s_ids, s_lp, t_ids, t_lp)
+    assert cand_mask.tolist() == [[[True, True, False]]]
+    expected = t64([[[0.625 * log(0.2), 0.375 * log(2.0), 0.0]]])
+    torch.testing.assert_close(cand_adv, expected, rtol=0, atol=1e-12)
+    # 0.625·log 0.2 = −1.00590, 0.375·log 2 = +0.25993: written out so a sign slip cannot hide
+    assert abs(cand_adv[0, 0, 0].item() - (-1.0058987)) < 1e-6
+    assert abs(cand_adv[0, 0, 1].item() - 0.2599302) < 1e-6
+
+
+def test_overlap_with_teacher_wider_than_student_and_empty_overlap():
+    # position 0: teacher k_T = 4 covers student id 3 (at its last slot); position 1: no common id.
+    s_ids = torch.tensor([[[3, 1], [4, 0]]])
+    s_lp = t64([[[log(0.7), log(0.2)], [log(0.6), log(0.3)]]])
+    t_ids = torch.tensor([[[8, 9, 6, 3], [1, 2, 3, 5]]])
+    t_lp = t64([[[log(0.4), log(0.3), log(0.2), log(0.05)], [log(0.4), log(0.3), log(0.2), log(0.05)]]])
+    cand_mask, cand_teacher_lp = teacher_logprobs_at_candidates(s_ids, t_ids, t_lp)
+    assert cand_mask.tolist() == [[[True, False], [False, False]]]
+    torch.testing.assert_close(cand_teacher_lp[0, 0, 0], t64(log(0.05)))
+    _, cand_adv = overlap_advantages(s_ids, s_lp, t_ids, t_lp)
+    # |Ω| = 1 ⇒ π̄ = 1, a = log(0.05/0.7); empty Ω ⇒ exactly 0, never NaN
+    torch.testing.assert_close(cand_adv, t64([[[log(0.05 / 0.7), 0.0], [0.0, 0.0]]]), rtol=0, atol=1e-12)
+
+
+def test_k_equal_one_is_not_identically_zero():
+    # Renormalising both sides over Ω would make k = 1 always 0; δ must use the raw log-probs.
+    cand_adv = candidate_advantages(torch.tensor([[[True]]]), t64([[[log(0.5)]]]), t64([[[log(0.8)]]]))
+    torch.testing.assert_close(cand_adv, t64([[[log(1.6)]]]))
+
+
+def test_misaligned_teacher_positions_are_rejected():
+    with pytest.raises(ValueError, match="aligned"):
+        overlap_advantages(torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 2),
+                           torch.zeros(1, 4, 2, dtype=torch.long), torch.zeros(1, 4, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mopd_loss: hand-computed values
+# ---------------------------------------------------------------------------------------------------------
+
+def _hand_case():
+    """N = 2, T = 2, k = 2.  Sequence 1 has one masked token; its masked slot holds garbage that must not count."""
+    cand_adv = t64([[[0.2, -0.1], [0.5, 0.0]],
+                    [[-0.4, 0.0], [100.0, 100.0]]])
+    cand_mask = torch.tensor([[[True, True], [True, False]],
+                              [[True, False], [True, True]]])
+    cand_old = t64([[[log(0.5), log(0.3)], [log(0.4), log(0.2)]],
+                    [[log(0.6), log(0.1)], [log(0.5), log(0.4)]]])
+    ratio = t64([[[1.5, 1.0], [2.0, 7.0]],          # 7.0 sits outside Ω: must be ignored
+                 [[0.5, 3.0], [9.0, 9.0]]])
+    token_weights = t64([[2.0, 1.0], [0.5, 4.0]])
+    mask = t64([[1, 1], [1, 0]])
+    return cand_adv, cand_mask, cand_old, ratio, token_weights, mask
+
+
+def test_mopd_loss_hand_computed_value_and_gradient():
+    cand_adv, cand_mask, cand_old, ratio, weights, mask = _hand_case()
+    cand_lp = (cand_old + torch.log(ratio)).requires_grad_()
+    loss, metrics = mopd_loss(cand_lp, cand_old, cand_adv, cand_mask, weights, mask)
+    # seq 0: t0  2·(0.2·1.5 − 0.1·1.0) = 0.4;  t1  1·(0.5·2.0) = 1.0;  mean 0.7
+    # seq 1: t0  0.5·(−0.4·0.5) = −0.1;                                mean −0.1
+    # loss = −(0.7 + (−0.1)) / 2 = −0.3
+    torch.testing.assert_close(loss, t64(-0.3), rtol=0, atol=1e-12)
+    loss.backward()
+    # ∂L/∂log πθ(v) = −(1/N)(1/|M_i|) w a ρ
+    expected_grad = t64([[[-0.25 * 2 * 0.2 * 1.5, -0.25 * 2 * -0.1 * 1.0], [-0.25 * 1 * 0.5 * 2.0, 0.0]],
+                         [[-0.5 * 0.5 * -0.4 * 0.5, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(cand_lp.grad, expected_grad, rtol=0, atol=1e-12)
+    assert metrics["mopd/loss"] == pytest.approx(-0.3)
+    assert metrics["mopd/clip_frac"] == 0.0
+
+
+def test_mopd_loss_per_candidate_clip():
+    cand_adv, cand_mask, cand_old, ratio, weights, mask = _hand_case()
+    cand_lp = (cand_old + torch.log(ratio)).requires_grad_()
+    loss, metrics = mopd_loss(cand_lp, cand_old, cand_adv, cand_mask, weights, mask, clip_eps=0.2)
+    # seq 0 t0: min(0.2·1.5, 0.2·1.2) = 0.24, −0.1·1.0 → 2·0.14 = 0.28;  t1: min(1.0, 0.5·1.2) = 0.6;  mean 0.44
+    # seq 1 t0: a = −0.4, ρ = 0.5: min(−0.2, −0.4·0.8 = −0.32) = −0.32 → 0.5·(−0.32) = −0.16
+    # loss = −(0.44 − 0.16)/2 = −0.14
+    torch.testing.assert_close(loss, t64(-0.14), rtol=0, atol=1e-12)
+    loss.backward()
+    # clipped candidates get no gradient; the unclipped one (ρ = 1) keeps −(1/4)·2·(−0.1)·1
+    expected_grad = torch.zeros_like(cand_lp)
+    expected_grad[0, 0, 1] = -0.25 * 2 * -0.1
+    torch.testing.assert_close(cand_lp.grad, expected_grad, rtol=0, atol=1e-12)
+    assert metrics["mopd/clip_frac"] == pytest.approx(3 / 4)      # 3 of the 4 masked Ω candidates
+
+
+def test_mopd_metrics_hand_computed():
+    cand_adv, cand_mask, cand_old, ratio, weights, mask = _hand_case()
+    cand_teacher = t64([[[log(0.4), log(0.1)], [log(0.3), 0.0]], [[log(0.2), 0.0], [0.0, 0.0]]])
+    old_y = t64([[log(0.5), log(0.2)], [log(0.6), 0.0]])
+    teacher_y = t64([[log(0.4), log(0.1)], [log(0.2), 0.0]])
+    _, m = mopd_loss(cand_old.clone(), cand_old, cand_adv, cand_mask, weights, mask,
+                     cand_teacher_logprobs=cand_teacher, sampled_old_logprobs=old_y,
+                     sampled_teacher_logprobs=teacher_y,
+                     teacher_index=torch.tensor([1, 0]), teacher_names=["math", "ocr"])
+    # three masked tokens: |Ω|/k = 1, 1/2, 1/2
+    assert m["mopd/overlap_ratio"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert m["mopd/empty_overlap_frac"] == 0.0
+    assert m["mopd/student_mass_on_overlap"] == pytest.approx((0.8 + 0.4 + 0.6) / 3)
+    assert m["mopd/teacher_mass_on_overlap"] == pytest.approx((0.5 + 0.3 + 0.2) / 3)
+    assert m["mopd/adv_mean"] == pytest.approx((0.1 + 0.5 - 0.4) / 3)
+    rkl = [log(0.5 / 0.4), log(0.2 / 0.1), log(0.6 / 0.2)]
+    assert m["mopd/reverse_kl"] == pytest.approx(sum(rkl) / 3)
+    # per teacher: sequence 0 → "ocr" (2 tokens), sequence 1 → "math" (1 token)
+    assert m["mopd/token_share/ocr"] == pytest.approx(2 / 3)
+    assert m["mopd/token_share/math"] == pytest.approx(1 / 3)
+    assert m["mopd/reverse_kl/ocr"] == pytest.approx((rkl[0] + rkl[1]) / 2)
+    assert m["mopd/reverse_kl/math"] == pytest.approx(rkl[2])
+    assert m["mopd/gate_drop_frac"] == 0.0 and m["mopd/loop_seq_frac"] == 0.0
+
+
+def test_per_teacher_metrics_leaves_out_absent_teachers():
+    values = {"x": t64([[1.0, 3.0], [10.0, 0.0]])}
+    out = per_teacher_metrics(values, t64([[1, 1], [1, 0]]), torch.tensor([0, 0]), ["a", "b"])
+    assert out == {"mopd/token_share/a": 1.0, "mopd/x/a": pytest.approx(14 / 3)}
+    with pytest.raises(ValueError, match="outside teacher_names"):
+        per_teacher_metrics(values, t64([[1, 1], [1, 0]]), torch.tensor([0, 5]), ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gradient identity of §2.2 and the teacher = student case
+# ---------------------------------------------------------------------------------------------------------
+
+def _student_teacher(n=2, t=3, v=12, k=4, seed=0, teacher_noise=0.7):
+    gen = torch.Generator().manual_seed(seed)
+    student_logits = torch.randn(n, t, v, generator=gen, dtype=F64)
+    teacher_logits = student_logits + teacher_noise * torch.randn(n, t, v, generator=gen, dtype=F64)
+    teacher_lp_full = torch.log_softmax(teacher_logits, -1)
+    old_lp_full = torch.log_softmax(student_logits, -1)
+    s_lp, s_ids = old_lp_full.topk(k, -1)
+    t_lp, t_ids = teacher_lp_full.topk(k, -1)
+    return student_logits, teacher_lp_full, s_ids, s_lp, t_ids, t_lp
+
+
+def test_gradient_at_theta_old_is_generalised_kl_on_overlap_over_detached_mass():
+    n, t = 2, 3
+    student_logits, teacher_lp_full, s_ids, s_lp, t_ids, t_lp = _student_teacher(n=n, t=t)
+    cand_mask, cand_adv = overlap_advantages(s_ids, s_lp, t_ids, t_lp)
+    assert bool(cand_mask.any(-1).all()), "the test wants non-empty Ω everywhere"
+    assert bool((~cand_mask).any()), "…and at least one candidate outside Ω"
+    mask = torch.ones(n, t, dtype=F64)
+
+    theta = student_logits.clone().requires_grad_()                       # θ = θ_old
+    cand_lp = torch.log_softmax(theta, -1).gather(-1, s_ids)
+    loss, _ = mopd_loss(cand_lp, s_lp, cand_adv, cand_mask, None, mask)
+    (grad_mopd,) = torch.autograd.grad(loss, theta)
+
+    theta2 = student_logits.clone().requires_grad_()
+    probs = torch.softmax(theta2, -1).gather(-1, s_ids)                   # πθ(v) at the candidates
+    teacher_probs = teacher_lp_full.exp().gather(-1, s_ids)
+    # G = Σ_{v∈Ω} πθ log(πθ/π_T) − πθ + π_T ;  divided by sg[πθ(Ω)], averaged as the loss averages tokens
+    gen_kl = torch.where(cand_mask, probs * (probs.log() - teacher_probs.log()) - probs + teacher_probs,
+                         torch.zeros_like(probs)).sum(-1)
+    mass = torch.where(cand_mask, probs, torch.zeros_like(probs)).sum(-1).detach()
+    (grad_kl,) = torch.autograd.grad((gen_kl / mass).mean(), theta2)
+
+    assert grad_mopd.abs().max() > 1e-3                                   # a real, non-trivial gradient
+    torch.testing.assert_close(grad_mopd, grad_kl, rtol=1e-10, atol=1e-12)
+
+
+def test_teacher_equal_to_student_gives_zero_advantage_and_zero_gradient():
+    student_logits, _, s_ids, s_lp, _, _ = _student_teacher()
+    cand_mask, cand_adv = overlap_advantages(s_ids, s_lp, s_ids.clone(), s_lp.clone())
+    assert bool(cand_mask.all())
+    assert torch.count_nonzero(cand_adv) == 0
+    theta = student_logits.clone().requires_grad_()
+    loss, _ = mopd_loss(torch.log_softmax(theta, -1).gather(-1, s_ids), s_lp, cand_adv, cand_mask, None,
+                        torch.ones(2, 3, dtype=F64))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(theta.grad) == 0
+
+
+def test_literal_form_has_zero_mean_gradient_while_per_candidate_form_does_not():
+    # One state, V = 8. Enumerate every sampled token y with weight π(y): that is the exact expectation.
+    v = 8
+    student_logits, _, s_ids, s_lp, t_ids, t_lp = _student_teacher(n=1, t=1, v=v, k=4, seed=3, teacher_noise=1.5)
+    cand_mask, cand_adv = overlap_advantages(s_ids, s_lp, t_ids, t_lp)
+    assert cand_adv.abs().sum() > 0.05
+    mask = torch.ones(1, 1, dtype=F64)
+    probs = torch.softmax(student_logits[0, 0], -1)
+
+    literal_grads = []
+    for y in range(v):
+        theta = student_logits.clone().requires_grad_()
+        lp_y = torch.log_softmax(theta, -1)[..., y]                           # [1,1]
+        loss, _ = keye_literal_loss(lp_y, cand_adv, None, mask)
+        literal_grads.append(torch.autograd.grad(loss, theta)[0].flatten())
+    literal_grads = torch.stack(literal_grads)                                # [V(y), V(θ)]
+    expected_literal = (probs.unsqueeze(-1) * literal_grads).sum(0)
+    assert expected_literal.abs().max() < 1e-15                              # exactly zero up to rounding
+
+    theta = student_logits.clone().requires_grad_()
+    loss, _ = mopd_loss(torch.log_softmax(theta, -1).gather(-1, s_ids), s_lp, cand_adv, cand_mask, None, mask)
+    per_candidate = torch.autograd.grad(loss, theta)[0].flatten()             # does not depend on y at all
+    assert per_candidate.norm() > 1e-2
+
+    # Monte Carlo over y ~ π, as training would see it: the literal mean is noise within 5σ of 0.
+    n_samples = 20000
+    counts = torch.bincount(torch.multinomial(probs, n_samples, replacement=True,
+                                              generator=torch.Generator().manual_seed(0)), minlength=v)
+    mc_literal = (counts.to(F64).unsqueeze(-1) * literal_grads).sum(0) / n_samples
+    per_sample_std = ((probs.unsqueeze(-1) * (literal_grads - expected_literal) ** 2).sum(0)).sqrt()
+    assert bool((mc_literal.abs() <= 5 * per_sample_std / math.sqrt(n_samples) + 1e-15).all())
+    assert per_candidate.norm() > 10 * (per_sample_std / math.sqrt(n_samples)).norm()
+
+
+def test_literal_loss_value_hand_computed():
+    lp = t64([[log(0.5), log(0.25)]]).requires_grad_()
+    cand_adv = t64([[[0.3, -0.1], [0.2, 0.0]]])
+    loss, m = keye_literal_loss(lp, cand_adv, None, t64([[1, 1]]))
+    # −(1/2)(0.2·log 0.5 + 0.2·log 0.25)
+    torch.testing.assert_close(loss, t64(-0.5 * (0.2 * log(0.5) + 0.2 * log(0.25))))
+    assert m["mopd_literal/adv_mean"] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Empty overlap, gate, repetition penalty, RL mix, token weights
+# ---------------------------------------------------------------------------------------------------------
+
+def test_empty_overlap_without_fallback_contributes_nothing():
+    cand_mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    cand_old = t64([[[log(0.5), log(0.2), log(0.1)]] * 2])
+    cand_lp = (cand_old + 0.3).requires_grad_()
+    loss, m = mopd_loss(cand_lp, cand_old, torch.zeros_like(cand_old), cand_mask, None, t64([[1, 1]]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(cand_lp.grad) == 0
+    assert m["mopd/empty_overlap_frac"] == 1.0 and m["mopd/overlap_ratio"] == 0.0
+
+
+def test_empty_overlap_fallback_uses_sampled_token_reverse_kl_advantage():
+    # position 0 has Ω ≠ ∅ (adv 0.1 on one candidate, ρ = 1); position 1 has Ω = ∅ → fallback on y_1.
+    cand_mask = torch.tensor([[[True, False], [False, False]]])
+    cand_adv = t64([[[0.1, 0.0], [0.0, 0.0]]])
+    cand_old = t64([[[log(0.6), log(0.3)], [log(0.5), log(0.4)]]])
+    old_y = t64([[log(0.6), log(0.05)]])
+    teacher_y = t64([[log(0.9), log(0.2)]])
+    lp_y = (old_y + t64([[0.0, log(2.0)]])).requires_grad_()                 # ρ(y_1) = 2
+    weights = t64([[1.0, 3.0]])
+    loss, m = mopd_loss(cand_old.clone(), cand_old, cand_adv, cand_mask, weights, t64([[1, 1]]),
+                        empty_overlap_fallback=True, sampled_logprobs=lp_y, sampled_old_logprobs=old_y,
+                        sampled_teacher_logprobs=teacher_y)
+    fallback_adv = log(0.2 / 0.05)                                             # log π_T(y) − log π_old(y)
+    torch.testing.assert_close(loss, t64(-(1.0 * 0.1 + 3.0 * fallback_adv * 2.0) / 2))
+    loss.backward()
+    torch.testing.assert_close(lp_y.grad, t64([[0.0, -3.0 * fallback_adv * 2.0 / 2]]))
+    assert m["mopd/fallback_token_frac"] == 0.5 and m["mopd/empty_overlap_frac"] == 0.5
+    with pytest.raises(ValueError, match="sampled_teacher_logprobs is required"):
+        mopd_loss(cand_old, cand_old, cand_adv, cand_mask, None, t64([[1, 1]]), empty_overlap_fallback=True,
+                  sampled_logprobs=lp_y, sampled_old_logprobs=old_y)
+
+
+def test_train_inference_gate_bounds():
+    old = t64([[0.0, log(3.0), -log(3.0), log(2.0), log(0.5)]])
+    gate = train_inference_gate(old, torch.zeros_like(old), low=0.5, high=2.0)
+    assert gate.tolist() == [[1.0, 0.0, 0.0, 1.0, 1.0]]                      # bounds are inclusive
+    with pytest.raises(ValueError, match="low ≤ 1 ≤ high"):
+        train_inference_gate(old, old, low=1.5, high=2.0)
+
+
+def test_gate_multiplies_distillation_and_reports_drop_rate():
+    cand_adv, cand_mask, cand_old, ratio, weights, mask = _hand_case()
+    gate = t64([[0.0, 1.0], [1.0, 0.0]])                                    # drops seq 0 t0 (and a masked slot)
+    loss, m = mopd_loss(cand_old + torch.log(ratio), cand_old, cand_adv, cand_mask, weights, mask, gate=gate)
+    # seq 0: (0 + 1.0)/2 = 0.5; seq 1: −0.1  →  loss = −(0.5 − 0.1)/2
+    torch.testing.assert_close(loss, t64(-0.2), rtol=0, atol=1e-12)
+    assert m["mopd/gate_drop_frac"] == pytest.approx(1 / 3)
+
+
+def test_repetition_penalty_only_after_loop_start():
+    # N = 1, T = 4, τ = 2, λ = 0.5, gate b = [1, 1, 0, 1]; one candidate per position with a = 0.3, ρ = 1.
+    cand_mask = torch.ones(1, 4, 1, dtype=torch.bool)
+    cand_old = t64([[[log(0.5)]] * 4])
+    cand_adv = torch.full((1, 4, 1), 0.3, dtype=F64)
+    cand_lp = cand_old.clone().requires_grad_()
+    lp_y = t64([[log(0.5), log(0.4), log(0.9), log(0.8)]]).requires_grad_()
+    gate = t64([[1, 1, 0, 1]])
+    mask = torch.ones(1, 4, dtype=F64)
+    loss, m = mopd_loss(cand_lp, cand_old, cand_adv, cand_mask, None, mask, gate=gate, sampled_logprobs=lp_y,
+                        loop_start=torch.tensor([2]), repetition_penalty=0.5)
+    # t0, t1: −0.3 each;  t2: +0.5·0·log 0.9 = 0;  t3: +0.5·1·log 0.8
+    torch.testing.assert_close(loss, t64((-0.3 - 0.3 + 0.5 * log(0.8)) / 4))
+    loss.backward()
+    torch.testing.assert_close(cand_lp.grad, t64([[[-0.3 / 4], [-0.3 / 4], [0.0], [0.0]]]))
+    torch.testing.assert_close(lp_y.grad, t64([[0.0, 0.0, 0.0, 0.5 / 4]]))   # pushes the loop's tokens down
+    assert m["mopd/loop_seq_frac"] == 1.0 and m["mopd/loop_token_frac"] == 0.5
+
+    # No loop (τ = T, or the −1 convention), or λ = 0: identical to plain MOPD.
+    plain, _ = mopd_loss(cand_old, cand_old, cand_adv, cand_mask, None, mask)
+    for starts, lam in ((torch.tensor([4]), 0.5), (torch.tensor([-1]), 0.5), (torch.tensor([2]), 0.0)):
+        other, _ = mopd_loss(cand_old, cand_old, cand_adv, cand_mask, None, mask, sampled_logprobs=lp_y.detach(),
+                             loop_start=starts, repetition_penalty=lam)
+        torch.testing.assert_close(other, plain)
+
+
+def test_rl_mix_matches_alpha_times_gspo_token_loss():
+    gen = torch.Generator().manual_seed(1)
+    n, t = 3, 5
+    old_y = -torch.rand(n, t, generator=gen, dtype=F64) * 2
+    lp_y_value = old_y + 1e-4 * torch.randn(n, t, generator=gen, dtype=F64)
+    mask = t64([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    adv = t64([1.0, -0.5, 2.0])
+    alpha = 0.3
+    zeros = torch.zeros(n, t, 2, dtype=F64)
+
+    lp1 = lp_y_value.clone().requires_grad_()
+    loss, m = mopd_loss(zeros, zeros, zeros, torch.zeros(n, t, 2, dtype=torch.bool), None, mask,
+                        sampled_logprobs=lp1, sampled_old_logprobs=old_y, rl_alpha=alpha, outcome_advantages=adv)
+    loss.backward()
+    lp2 = lp_y_value.clone().requires_grad_()
+    ref, _ = gspo_loss(lp2, old_y, adv, mask)
+    (alpha * ref).backward()
+    torch.testing.assert_close(loss, alpha * ref.detach())
+    torch.testing.assert_close(lp1.grad, lp2.grad)
+    assert "mopd/rl_clip_frac" in m
+
+    # at θ = θ_old: loss = −α·mean_i A_i and ∂L/∂log πθ(y_i,t) = −α·A_i / (N·|M_i|)
+    lp3 = old_y.clone().requires_grad_()
+    loss3, _ = mopd_loss(zeros, zeros, zeros, torch.zeros(n, t, 2, dtype=torch.bool), None, mask,
+                         sampled_logprobs=lp3, sampled_old_logprobs=old_y, rl_alpha=alpha, outcome_advantages=adv)
+    loss3.backward()
+    torch.testing.assert_close(loss3, t64(-alpha * (1.0 - 0.5 + 2.0) / 3))
+    expected = -alpha * adv.unsqueeze(-1) / (3 * t64([5, 3, 1]).unsqueeze(-1)) * mask
+    torch.testing.assert_close(lp3.grad, expected)
+
+
+def test_token_weights_normalise_to_mean_one_over_masked_tokens():
+    raw = t64([[2.0, 1.0, 0.5], [1.0, 50.0, 0.0]])
+    mask = t64([[1, 1, 1], [1, 0, 1]])
+    c = normalise_token_weights(raw, mask)
+    # masked sum = 2 + 1 + 0.5 + 1 + 0 = 4.5 over 5 tokens → scale 5/4.5
+    torch.testing.assert_close(c, raw * (5 / 4.5))
+    assert (c * mask).sum().item() / mask.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="weight 0"):
+        normalise_token_weights(torch.zeros(2, 3, dtype=F64), mask)
