@@ -1,0 +1,401 @@
+"""The `math` reward: is the completion's final answer mathematically equal to the reference?
+
+Pipeline (each step a pure function below, except the last):
+1. `extract_final_answer`: the last `<answer>...</answer>` block if there is one, and inside it (or
+   the whole completion) the last balanced `\\boxed{...}` / `\\fbox{...}`, else the text after the
+   last "answer is" / "Answer:", else the whole completion if it is one short line. Never the last
+   number in the text: a completion without a final answer scores 0 ("no_answer").
+2. `normalise_answer`: strip math delimiters, trailing punctuation, unicode math, thousands
+   separators, plain scientific notation.
+3. Exact fast paths that need no sympy: plain numbers (exact rational comparison, `x = 3` → 3,
+   `50%` = 50 = 0.5 but never 0.5 = 50), multiple-choice letters, text answers.
+4. Everything else goes to Math-Verify (parse + verify, on sympy) inside a killable worker process
+   (rewards._pool) with a wall-clock limit, so `\\boxed{9^{9^{9^{9}}}}` costs at most `timeout_s`.
+
+Why Math-Verify: it is the best-measured open verifier (sets vs tuples, intervals, matrices,
+relations, units, percentages, its asymmetry rules), kept up by Hugging Face and itself built on
+sympy. What we do not take from it: its answer extraction (its default falls back to the last number
+anywhere in the text — a reward hack) and its timeout (signal.alarm: main thread only).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_MAX_ANSWER_CHARS = 1000
+DEFAULT_BARE_ANSWER_MAX_CHARS = 80
+MAX_GROUND_TRUTHS = 8
+_MAX_FAST_DIGITS = 200  # longer numerals go to sympy (inside the killable worker)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Extraction
+# ---------------------------------------------------------------------------------------------
+
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
+# "the answer is", "final answer is:", "Answer:", "**Final Answer:**", "answer is: ..."
+_ANCHOR_RE = re.compile(r"\b(?:final\s+)?answer(?:\s*\*\*)?\s*(?:is(?![\w'’])\s*:?|:)(?:\s*\*\*)?", re.IGNORECASE)
+_LEADING_MATH_RE = re.compile(r"\s*(?:\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\])", re.DOTALL)
+
+
+def matching_braces(text: str) -> dict[int, int]:
+    """Map the index of every balanced `{` to the index of its `}` in one linear pass.
+
+    Escaped braces (`\\{`, `\\}`) are set delimiters in LaTeX, not grouping, and are skipped.
+    Unbalanced braces simply have no entry, so hostile input cannot make the caller loop.
+    """
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+            continue
+        if char == "\\":
+            escaped = True
+        elif char == "{":
+            stack.append(index)
+        elif char == "}" and stack:
+            pairs[stack.pop()] = index
+    return pairs
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last well-formed `\\boxed{...}` or `\\fbox{...}` (nested braces allowed),
+    or of a trailing `\\boxed 5` (no braces). None when there is none."""
+    if "\\boxed" not in text and "\\fbox" not in text:
+        return None
+    pairs: dict[int, int] | None = None
+    for match in reversed(list(_BOXED_RE.finditer(text))):
+        if match.group(1) is None:  # `\boxed 5`: the next whitespace-free token
+            token = re.match(r"\s*([^\s$]+)", text[match.end():])
+            if token:
+                return token.group(1)
+            continue
+        if pairs is None:
+            pairs = matching_braces(text)
+        open_index = match.end() - 1
+        close_index = pairs.get(open_index)
+        if close_index is not None:
+            return text[open_index + 1:close_index]
+    return None
+
+
+def _after_anchor(text: str) -> str | None:
+    """Text following the last "answer is" / "Answer:" anchor, cut at the end of its line/sentence."""
+    last = None
+    for last in _ANCHOR_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    rest = text[last.end():]
+    math_env = _LEADING_MATH_RE.match(rest)
+    if math_env:
+        return next(group for group in math_env.groups() if group is not None)
+    rest = rest.lstrip().split("\n", 1)[0]
+    # A sentence ends at ". " (not at the point of 3.5).
+    rest = re.split(r"\.\s", rest, maxsplit=1)[0]
+    return rest
+
+
+def extract_final_answer(completion: str, bare_answer_max_chars: int = DEFAULT_BARE_ANSWER_MAX_CHARS
+                         ) -> tuple[str | None, str]:
+    """Return (answer, method) with method in boxed / answer_is / answer_tag / bare / none.
+
+    The last `<answer>` block, when present, is the only region searched: text outside it cannot
+    contribute an answer. No fallback to "the last number in the text".
+    """
+    region = completion
+    tags = _ANSWER_TAG_RE.findall(completion)
+    if tags:
+        region = tags[-1]
+    boxed = last_boxed(region)
+    if boxed is not None:
+        return boxed, "boxed"
+    anchored = _after_anchor(region)
+    if anchored is not None:
+        return anchored, "answer_is"
+    if tags:
+        return region, "answer_tag"
+    stripped = completion.strip()
+    if stripped and "\n" not in stripped and len(stripped) <= bare_answer_max_chars:
+        return stripped, "bare"
+    return None, "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Normalisation
+# ---------------------------------------------------------------------------------------------
+
+_UNICODE_MATH = {
+    "π": r"\pi ", "∞": r"\infty ", "−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ",
+    "√": r"\sqrt ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "°": r"^\circ ", "∪": r"\cup ", "½": "1/2",
+}
+_THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:(?:,|\{,\}|\\,|\\ |\\!|\s)\d{3})+(?:\.\d+)?$")
+_SEPARATOR_RE = re.compile(r",|\{,\}|\\,|\\ |\\!|\s")
+_SCIENTIFIC_RE = re.compile(r"^(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)$")
+_DELIMITERS = (("$$", "$$"), ("$", "$"), (r"\(", r"\)"), (r"\[", r"\]"))
+
+
+def normalise_answer(answer: str) -> str:
+    """Surface clean-up that never changes the value: delimiters, punctuation, unicode, separators."""
+    text = answer.replace("\n", " ").strip()
+    for char, latex in _UNICODE_MATH.items():
+        if char in text:
+            text = text.replace(char, latex)
+    changed = True
+    while changed:  # peel wrappers in any order: "**$5$.**"
+        changed = False
+        stripped = text.strip().rstrip(".,;!").strip()
+        if stripped.startswith("**") and stripped.endswith("**") and len(stripped) > 4:
+            stripped = stripped[2:-2]
+        for left, right in _DELIMITERS:
+            if stripped.startswith(left) and stripped.endswith(right) and len(stripped) > len(left) + len(right):
+                stripped = stripped[len(left):-len(right)]
+                break
+        stripped = stripped.replace(r"\displaystyle", "").strip()
+        changed = stripped != text
+        text = stripped
+    text = text.replace("$", "")  # stray inline-math markers or currency: never part of the value
+    if _THOUSANDS_RE.match(text):
+        text = _SEPARATOR_RE.sub("", text)
+    scientific = _SCIENTIFIC_RE.match(text)
+    if scientific:
+        text = f"{scientific.group(1)}\\times 10^{{{int(scientific.group(2))}}}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Fast paths: plain numbers, multiple-choice letters, text answers
+# ---------------------------------------------------------------------------------------------
+
+_NUMBER_RE = re.compile(
+    r"^(?:[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*)?"          # "x = 3" → 3 (an assignment of the value)
+    r"(?:\\\$\s*)?"                                   # currency sign "\$10"
+    r"(-?)\s*(\d+(?:\.\d*)?|\.\d+)"                   # the numeral
+    r"(?:\s*\\times\s*10\^\{?([+-]?\d{1,4})\}?)?"     # scientific notation (normalised form)
+    r"\s*(\\?%)?$")
+_TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_MC_GOLD_RE = re.compile(r"^\(?\s*([A-J])\s*\)?$")
+_MC_PRED_RE = re.compile(r"^\(?\s*([A-Ja-j])\s*(?:\)|\.|:|(?=\s)|$)(.*)$", re.DOTALL)
+_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "lg", "exp", "sqrt", "pi", "infty",
+               "inf", "lim", "max", "min", "det", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+               "mod", "gcd", "lcm", "frac", "cdot", "times", "le", "ge", "circ"}
+_SHORT_TEXT_WORDS = {"no", "yes"}
+
+
+def parse_plain_number(answer: str) -> tuple[Fraction, bool] | None:
+    """(exact value, has a percent sign) for a plain numeral such as `-3`, `0.50`, `x = 3`, `50\\%`,
+    `1.5\\times 10^{-3}`; None for anything else (which then goes to sympy)."""
+    match = _NUMBER_RE.match(answer.strip())
+    if not match:
+        return None
+    sign, digits, exponent, percent = match.groups()
+    if len(digits) > _MAX_FAST_DIGITS:
+        return None
+    value = Fraction(digits.rstrip(".") or "0")
+    if exponent is not None:
+        value *= Fraction(10) ** int(exponent)
+    return (-value if sign else value), percent is not None
+
+
+def plain_numbers_equal(gold: tuple[Fraction, bool], pred: tuple[Fraction, bool]) -> bool:
+    """Exact comparison; a percent sign means "either the number shown or a hundredth of it"
+    (so gold 50% accepts 50% / 50 / 0.5 and gold 0.5 accepts 50%), but a bare 50 never equals
+    0.5: no ×100 leniency between unmarked numbers."""
+    def readings(parsed: tuple[Fraction, bool]) -> set[Fraction]:
+        value, is_percent = parsed
+        return {value, value / 100} if is_percent else {value}
+    return bool(readings(gold) & readings(pred))
+
+
+def unwrap_text(answer: str) -> str:
+    """`\\text{(B)}` → `(B)`; repeated so nested wrappers also come off."""
+    for _ in range(4):
+        unwrapped = _TEXT_WRAPPER_RE.sub(r"\1", answer)
+        if unwrapped == answer:
+            break
+        answer = unwrapped
+    return answer.strip()
+
+
+def multiple_choice_letter(gold: str) -> str | None:
+    """The letter when the reference is a multiple-choice option A–J (`B`, `(B)`, `\\text{(B)}`)."""
+    match = _MC_GOLD_RE.match(unwrap_text(gold))
+    return match.group(1) if match else None
+
+
+def predicted_letter(answer: str) -> str | None:
+    """The option letter a prediction names: `B`, `(B)`, `b`, `B.`, `B) 42`, `\\textbf{B}`.
+
+    A prediction naming two options ("B and C", "B) or A") names none: listing every option must
+    not collect the reward.
+    """
+    match = _MC_PRED_RE.match(unwrap_text(answer))
+    if not match:
+        return None
+    letter, rest = match.group(1).upper(), match.group(2)
+    if re.search(r"(?<![A-Za-z])[A-J](?![A-Za-z])", rest):
+        return None
+    return letter
+
+
+def _text_words(answer: str) -> list[str] | None:
+    plain = unwrap_text(answer)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z '\-]*\.?", plain):
+        return None
+    return plain.rstrip(".").lower().replace("-", " ").split()
+
+
+def is_text_answer(gold: str) -> bool:
+    """A reference made of words (`yes`, `Monday`, `\\text{east}`, `no solution`), compared as text.
+
+    Single short letter groups (`x`, `ab`) and function names stay mathematics, because sympy
+    reads `ab` as a·b and a text comparison would wrongly reject `ba`.
+    """
+    words = _text_words(gold)
+    if not words:
+        return False
+    if any(word in _MATH_WORDS for word in words):
+        return False
+    wrapped = gold.strip() != unwrap_text(gold)
+    return wrapped or len(words) > 1 or len(words[0]) >= 3 or words[0] in _SHORT_TEXT_WORDS
+
+
+def normalise_text(answer: str) -> str:
+    """Lower case, no punctuation or articles, single spaces: `The Answer's East.` → `answer s east`."""
+    text = unwrap_text(answer).lower()
+    text = re.sub(r"[^a-z0-9]+", " ", text)
+    return " ".join(word for word in text.split() if word not in {"a", "an", "the"})
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Symbolic comparison (runs inside the killable worker)
+# ---------------------------------------------------------------------------------------------
+
+def _parse_latex(answer: str) -> list:
+    from math_verify import LatexExtractionConfig, parse
+    # One inline-math environment holding exactly the extracted answer: Math-Verify's own search
+    # for answers in free text (and its last-number fallback) never sees model prose.
+    return parse(f"${answer}$", extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+                 fallback_mode="first_match", parsing_timeout=None)
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold_cached(gold: str) -> tuple:
+    # n samples per prompt share one reference: parse it once per worker.
+    return tuple(_parse_latex(gold))
+
+
+def _quiet_math_verify() -> None:
+    # We disable Math-Verify's signal timeout on purpose (the worker is killed instead); its
+    # per-call warning about that, and its per-failure parse warnings, would flood the logs.
+    for name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def symbolic_equal(gold: str, pred: str) -> tuple[bool, str | None]:
+    """Worker task: (equal, failure kind or None). Math-Verify's verify is asymmetric on purpose
+    (gold first): e.g. a gold inequality `x>1` accepts the interval `(1,\\infty)`, not the reverse."""
+    from math_verify import verify
+    from sympy import Basic, MatrixBase
+    _quiet_math_verify()
+    gold_parsed = list(_parse_gold_cached(gold))
+    pred_parsed = _parse_latex(pred)
+    if not gold_parsed:
+        return False, "gold_parse_error"
+    if not pred_parsed:
+        return False, "parse_error"
+    equal = bool(verify(gold_parsed, pred_parsed, strict=True, timeout_seconds=None))
+    if not equal and not any(isinstance(item, (Basic, MatrixBase)) for item in pred_parsed):
+        return False, "parse_error"
+    return equal, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward
+# ---------------------------------------------------------------------------------------------
+
+def reference_answers(ground_truth: Any) -> list[str] | None:
+    """The accepted reference answers as strings (a list means "any of these"); None if unusable."""
+    items = list(ground_truth) if isinstance(ground_truth, (list, tuple)) else [ground_truth]
+    if not items or len(items) > MAX_GROUND_TRUTHS:
+        return None
+    answers = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            return None
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        text = item if isinstance(item, str) else repr(item)
+        boxed = last_boxed(text)  # a full reference solution: its boxed answer is the reference
+        text = normalise_answer(boxed if boxed is not None else text)
+        if not text:
+            return None
+        answers.append(text)
+    return answers
+
+
+def _result(score: float, method: str, extracted: str | None, failure: str | None = None) -> dict:
+    result: dict[str, Any] = {"score": score, "method": method}
+    if extracted is not None:
+        result["extracted"] = extracted[:200]
+    if failure is not None:
+        result["failure"] = failure
+    return result
+
+
+def _compare(gold: str, pred: str, timeout_s: float) -> tuple[bool, str | None]:
+    """One reference against one prediction: fast paths first, then the killable sympy worker."""
+    letter = multiple_choice_letter(gold)
+    if letter is not None:
+        return predicted_letter(pred) == letter, None
+    if is_text_answer(gold):
+        return normalise_text(gold) == normalise_text(pred), None
+    gold_number, pred_number = parse_plain_number(gold), parse_plain_number(pred)
+    if gold_number is not None and pred_number is not None:
+        return plain_numbers_equal(gold_number, pred_number), None
+    from rewards._pool import shared_pool
+    outcome = shared_pool().call("rewards.matheq:symbolic_equal", (gold, pred), timeout_s)
+    if outcome.status == "ok":
+        return outcome.value
+    kind = {"timeout": "timeout", "memory": "memory_limit", "crashed": "worker_crashed"}.get(
+        outcome.status, f"verifier_error:{outcome.error}")
+    return False, kind
+
+
+def compute_score(data_source: str | None, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+                  bare_answer_max_chars: int = DEFAULT_BARE_ANSWER_MAX_CHARS) -> dict:
+    """1.0 when the completion's final answer equals the reference (any of them, for a list), else 0.0.
+
+    Never raises and never waits longer than `timeout_s` per reference. Failure kinds (score 0):
+    bad_input, bad_ground_truth, no_answer, answer_too_long, parse_error, gold_parse_error, timeout,
+    memory_limit, worker_crashed.
+    """
+    if not isinstance(solution_str, str):
+        return _result(0.0, "none", None, "bad_input")
+    golds = reference_answers(ground_truth)
+    if golds is None:
+        return _result(0.0, "none", None, "bad_ground_truth")
+    raw_answer, method = extract_final_answer(solution_str, bare_answer_max_chars)
+    if raw_answer is None:
+        return _result(0.0, method, None, "no_answer")
+    if len(raw_answer) > max_answer_chars:
+        return _result(0.0, method, raw_answer, "answer_too_long")
+    pred = normalise_answer(raw_answer)
+    if not pred:
+        return _result(0.0, method, raw_answer, "no_answer")
+    if any(len(gold) > max_answer_chars for gold in golds):
+        return _result(0.0, method, pred, "bad_ground_truth")
+    failure = None
+    for gold in golds:
+        equal, failure = _compare(gold, pred, timeout_s)
+        if equal:
+            return _result(1.0, method, pred)
+    return _result(0.0, method, pred, failure)
