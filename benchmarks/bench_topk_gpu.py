@@ -9,6 +9,8 @@ of T tokens. Three operations, each chunked and naive:
   cand_fwd_bwd     log πθ at 16 candidate ids per token, forward + backward (the MOPD loss input)
 "Naive" is what a trainer does without chunking: logits = (h @ W^T).float(), log_softmax, gather/topk, and
 autograd keeps [T, V] tensors for backward. Peak memory is measured above what the inputs already hold.
+"chunked" uses CUDA's bf16→fp32 `out_dtype` matmuls (no rounded bf16 [C,V] / [V,H] temporaries);
+"chunked_plain" is the same code with those kernels turned off (`h @ W.T` then `.float()`), for comparison.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 
 import torch
 
+from posttrain.algorithms import topk as topk_module
 from posttrain.algorithms.topk import chunked_logprobs_at, chunked_token_logprobs, chunked_topk
 
 HIDDEN, VOCAB, K = 4096, 151936, 16
@@ -115,9 +118,13 @@ def main():
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "H": HIDDEN, "V": VOCAB,
-               "k": K, "dtype": "bfloat16", "iters": args.iters, "correctness": check_correctness(device),
-               "rows": []}
-    print(json.dumps(results["correctness"], indent=1), flush=True)
+               "k": K, "dtype": "bfloat16", "iters": args.iters, "rows": []}
+    for use_out_dtype in (True, False):
+        topk_module._out_dtype_kernels_ok = use_out_dtype
+        check = check_correctness(device)
+        check["out_dtype_kernels_used"] = topk_module._out_dtype_kernels_ok
+        results[f"correctness_out_dtype_{use_out_dtype}"] = check
+        print(json.dumps(check, indent=1), flush=True)
     gen = torch.Generator(device=device).manual_seed(1)
     weight = (torch.randn(VOCAB, HIDDEN, device=device, generator=gen) * (2 / HIDDEN ** 0.5)).bfloat16()
     weight.requires_grad_()
@@ -125,17 +132,21 @@ def main():
         hidden = torch.randn(num_tokens, HIDDEN, device=device, generator=gen).bfloat16().requires_grad_()
         tok = torch.randint(0, VOCAB, (num_tokens,), device=device, generator=gen)
         cand = torch.randint(0, VOCAB, (num_tokens, K), device=device, generator=gen)
-        variants = [("naive", None)] + [("chunked", c) for c in args.chunk_sizes]
+        variants = ([("naive", None)] + [("chunked", c) for c in args.chunk_sizes]
+                    + [("chunked_plain", args.chunk_sizes[-1])])
         for op_name in ("token_fwd_bwd", "topk_nograd", "cand_fwd_bwd"):
             for impl, chunk in variants:
                 fn = make_ops(chunk or 1)[op_name]
                 row = {"T": num_tokens, "op": op_name, "impl": impl, "chunk": chunk}
                 t0 = time.time()
+                topk_module._out_dtype_kernels_ok = impl != "chunked_plain"
                 try:
                     ms, peak = measure(fn, (hidden, weight, tok, cand, impl == "naive"), args.iters)
                     row.update(ms=round(ms, 2), peak_gib=round(peak / 2 ** 30, 2))
                 except torch.OutOfMemoryError:
                     row.update(ms=None, peak_gib="OOM")
+                if impl != "naive":
+                    row["out_dtype_kernels"] = topk_module._out_dtype_kernels_ok
                 hidden.grad = weight.grad = None
                 torch.cuda.empty_cache()
                 row["wall_s"] = round(time.time() - t0, 1)
@@ -145,9 +156,9 @@ def main():
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{'T':>6} {'op':<14} {'impl':<8} {'chunk':>6} {'ms':>9} {'peak GiB':>9}")
+    print(f"\n{'T':>6} {'op':<14} {'impl':<13} {'chunk':>6} {'ms':>9} {'peak GiB':>9}")
     for r in results["rows"]:
-        print(f"{r['T']:>6} {r['op']:<14} {r['impl']:<8} {str(r['chunk'] or '-'):>6} {str(r['ms']):>9} "
+        print(f"{r['T']:>6} {r['op']:<14} {r['impl']:<13} {str(r['chunk'] or '-'):>6} {str(r['ms']):>9} "
               f"{str(r['peak_gib']):>9}")
 
 

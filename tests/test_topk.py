@@ -135,3 +135,28 @@ def test_cuda_matches_cpu_float64():
     cpu = chunked_logprobs_at(hidden, weight, ids, chunk_size=7)
     gpu = chunked_logprobs_at(hidden.cuda(), weight.cuda(), ids.cuda(), chunk_size=7).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_chunked_matches_fp64_reference():
+    """bf16 on CUDA (the out_dtype fast path) against fp64 math on the same bf16 values, across several chunks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(300, 64, generator=gen).bfloat16()
+    weight = (torch.randn(1000, 64, generator=gen) / 4).bfloat16()
+    ids = torch.randint(0, 1000, (300, 4), generator=gen)
+    upstream = torch.randn(300, 4, generator=gen)
+    h = hidden.cuda().requires_grad_()
+    w = weight.cuda().requires_grad_()
+    got = chunked_logprobs_at(h, w, ids.cuda(), chunk_size=64)
+    (got * upstream.cuda()).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = torch.log_softmax(h64 @ w64.T, -1).gather(-1, ids)
+    (ref * upstream.double()).sum().backward()
+
+    def rel(a, b):
+        return float((a.detach().cpu().double() - b.detach()).norm() / b.detach().norm())
+
+    assert rel(got, ref) < 1e-3
+    assert rel(h.grad, h64.grad) < 1e-2 and rel(w.grad, w64.grad) < 1e-2

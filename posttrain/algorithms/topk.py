@@ -32,6 +32,35 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# On CUDA, torch.mm / torch.addmm accept out_dtype: bf16 operands, fp32 result straight from the matrix unit's
+# fp32 accumulators. That skips a rounded bf16 [C,V] (or [V,H]) temporary and a conversion pass over it.
+# Other backends lack these kernels; the fallback rounds to the input dtype first, as a plain `h @ W.T` would.
+_out_dtype_kernels_ok = True
+
+
+def _matmul_to(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with the result in out_dtype."""
+    global _out_dtype_kernels_ok
+    if _out_dtype_kernels_ok and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (RuntimeError, TypeError):
+            _out_dtype_kernels_ok = False
+    return (a @ b).to(out_dtype)
+
+
+def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in fp32/fp64, a and b possibly bf16."""
+    global _out_dtype_kernels_ok
+    if _out_dtype_kernels_ok and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _out_dtype_kernels_ok = False
+    acc += (a @ b).to(acc.dtype)
+
+
 def _check_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{what} must be an integer tensor, got {ids.dtype}")
@@ -52,7 +81,7 @@ class _ChunkedLogprobsAt(torch.autograd.Function):
         lse_R = torch.empty(num_rows, dtype=acc_dtype, device=hidden_RH.device)
         for start in range(0, num_rows, chunk_size):
             stop = min(start + chunk_size, num_rows)
-            logits_CV = (hidden_RH[start:stop] @ weight_VH.T).to(acc_dtype)
+            logits_CV = _matmul_to(hidden_RH[start:stop], weight_VH.T, acc_dtype)
             lse_C = torch.logsumexp(logits_CV, dim=-1)
             logprobs_RK[start:stop] = logits_CV.gather(-1, ids_RK[start:stop]) - lse_C.unsqueeze(-1)
             lse_R[start:stop] = lse_C
@@ -78,7 +107,7 @@ class _ChunkedLogprobsAt(torch.autograd.Function):
             hidden_CH = hidden_RH[start:stop]
             grad_CK = grad_RK[start:stop]
             # dlogits[c,v] = scatter(g)[c,v] − p[c,v] · Σ_j g[c,j]   (built in place in one [C,V] buffer)
-            dlogits_CV = (hidden_CH @ weight_VH.T).to(acc_dtype)
+            dlogits_CV = _matmul_to(hidden_CH, weight_VH.T, acc_dtype)
             dlogits_CV.sub_(lse_R[start:stop].unsqueeze(-1)).exp_()                    # p[c,v]
             dlogits_CV.mul_(-grad_CK.sum(-1, keepdim=True))
             dlogits_CV.scatter_add_(-1, ids_RK[start:stop], grad_CK)
@@ -86,7 +115,7 @@ class _ChunkedLogprobsAt(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:stop] = dlogits_CV @ weight_VH
             if need_weight:
-                grad_weight_acc += (dlogits_CV.T @ hidden_CH).to(acc_dtype)
+                _accumulate_matmul(grad_weight_acc, dlogits_CV.T, hidden_CH)
             del dlogits_CV
         grad_weight = grad_weight_acc.to(weight_VH.dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None
@@ -175,7 +204,7 @@ def _topk_pass(hidden, lm_head_weight, k, token_ids, chunk_size):
         token_logprobs_R = torch.empty(num_rows, dtype=acc_dtype, device=hidden.device)
     for start in range(0, num_rows, chunk_size):
         stop = min(start + chunk_size, num_rows)
-        logits_CV = (hidden_RH[start:stop] @ lm_head_weight.T).to(acc_dtype)
+        logits_CV = _matmul_to(hidden_RH[start:stop], lm_head_weight.T, acc_dtype)
         lse_C = torch.logsumexp(logits_CV, dim=-1, keepdim=True)
         top_values_CK, top_ids_CK = torch.topk(logits_CV, k, dim=-1)          # sorted, largest first
         topk_ids_RK[start:stop] = top_ids_CK
