@@ -241,7 +241,7 @@ def verdict_from_record(problem: Problem, limits: JudgeLimits, record: dict, std
         return fail("output_limit", f"printed more than {limits.output_limit_mb:g} MB")
     if kind == "compile_error":
         return fail("compile_error", str(report.get("detail", ""))[:300])
-    if kind == "memory_limit":
+    if kind == "memory_limit" or (sig == signal.SIGABRT and "bad_alloc" in str(record.get("stderr", ""))):
         return fail("memory_limit", f"MemoryError under a {limits.memory_limit_mb} MB limit")
     if kind == "harness_error":
         return fail("sandbox_error", str(report.get("detail", ""))[:300])

@@ -371,6 +371,8 @@ def _communicate(cmd: list[str], stdin: bytes, limits: SandboxLimits,
             if not pipe.closed:
                 pipe.close()
     code = proc.returncode
+    if mechanism == "bwrap" and code > 128:
+        code = 128 - code  # bwrap reports a program killed by signal N as exit status 128 + N
     return SandboxResult(
         exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
         stdout=b"".join(chunks[proc_stdout_fd]), stderr=b"".join(chunks[proc_stderr_fd]),

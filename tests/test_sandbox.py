@@ -1,0 +1,287 @@
+"""rewards.sandbox: isolation really holds (network, filesystem, processes, limits), and refusal is clear.
+
+Every hostile program here runs under small limits so that a containment bug cannot hurt the shared
+machine: process caps of 8-16, a few seconds of wall clock, a few MB of output.
+"""
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from rewards import sandbox as sandbox_mod
+from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+
+PY = [sys.executable, "-I", "-S", "-c"]
+
+
+def surviving(marker: str) -> list[int]:
+    """Host pids whose command line contains marker (a hostile program that escaped would show here)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_no_survivors(marker: str, within_s: float = 2.0) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while (left := surviving(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    return Sandbox(SandboxLimits(wall_s=10, nproc=16, memory_mb=256, stdout_bytes=1 << 16))
+
+
+# ------------------------------------------------------------------ unit
+
+@pytest.mark.unit
+def test_limits_reject_nonpositive_values():
+    with pytest.raises(ValueError, match="nproc"):
+        SandboxLimits(nproc=0)
+    with pytest.raises(ValueError, match="wall_s"):
+        SandboxLimits(wall_s=-1)
+
+
+@pytest.mark.unit
+def test_rlimit_args_round_cpu_up():
+    args = SandboxLimits(cpu_s=1.2, memory_mb=100, nproc=7, file_size_mb=2).rlimit_args()
+    assert "--cpu=2:3" in args and f"--as={100 << 20}:{100 << 20}" in args and "--nproc=7:7" in args
+    assert f"--fsize={2 << 20}:{2 << 20}" in args
+
+
+@pytest.mark.unit
+def test_refuses_without_mechanism_unless_unsafe_opt_in(monkeypatch):
+    monkeypatch.setattr(sandbox_mod, "probe_bwrap", lambda binds=(): "bubblewrap (`bwrap`) is not installed")
+    with pytest.raises(SandboxUnavailable) as err:
+        Sandbox()
+    message = str(err.value)
+    assert "apt-get install bubblewrap" in message and "allow_unsafe=True" in message
+    unsafe = Sandbox(allow_unsafe=True)
+    assert unsafe.mechanism == "unsafe"
+    result = unsafe.run(PY + ["print(6 * 7)"])
+    assert result.ok and result.stdout == b"42\n" and result.mechanism == "unsafe"
+
+
+@pytest.mark.unit
+def test_file_names_must_be_plain(sandbox):
+    with pytest.raises(ValueError, match="plain file name"):
+        sandbox.run(["true"], files={"../escape": b"x"})
+
+
+# ------------------------------------------------------------------ isolation
+
+@pytest.mark.integration
+def test_runs_unprivileged_in_private_work_dir_with_files(sandbox):
+    code = ("import os; st = open('/proc/self/status').read();"
+            "print(os.getuid(), os.getcwd(), open('in.txt').read(),"
+            " st.split('CapEff:')[1].split()[0], st.split('NoNewPrivs:')[1].split()[0])")
+    result = sandbox.run(PY + [code], files={"in.txt": b"hello"})
+    uid, cwd, content, cap_eff, no_new_privs = result.stdout.split()
+    assert result.ok, result.stderr
+    assert int(uid) != 0 and cwd == b"/sandbox" and content == b"hello"
+    assert int(cap_eff, 16) == 0 and no_new_privs == b"1"
+
+
+@pytest.mark.integration
+def test_stdin_is_fed_and_large_output_streams(sandbox):
+    data = os.urandom(1 << 15)
+    result = sandbox.run(["cat"], stdin=data)
+    assert result.ok and result.stdout == data
+
+
+@pytest.mark.integration
+def test_no_network_not_even_host_loopback(sandbox):
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        code = ("import socket\n"
+                f"for host in [('127.0.0.1', {port}), ('1.1.1.1', 80), ('8.8.8.8', 53)]:\n"
+                "    try:\n"
+                "        socket.create_connection(host, timeout=1).close(); print('CONNECTED', host)\n"
+                "    except OSError as err: print('blocked', err.errno)\n")
+        result = sandbox.run(PY + [code])
+        # the host server is reachable from here, so the sandbox must really be cut off
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(b"GET /from-host HTTP/1.0\r\n\r\n")
+            conn.recv(100)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.ok, result.stderr
+    assert b"CONNECTED" not in result.stdout and result.stdout.count(b"blocked") == 3
+    assert hits == ["/from-host"]
+
+
+@pytest.mark.integration
+def test_filesystem_read_only_outside_private_tmpfs(sandbox, tmp_path):
+    host_target = tmp_path / "written_by_sandbox"
+    marker = f"posttrain-sbx-{uuid.uuid4().hex}"
+    code = (
+        "import os\n"
+        f"targets = ['/etc/{marker}', '/usr/{marker}', {str(host_target)!r}, '{os.path.abspath(__file__)}',"
+        f" '{sys.prefix}/{marker}']\n"
+        "for path in targets:\n"
+        "    try:\n"
+        "        open(path, 'a').write('x'); print('WROTE', path)\n"
+        "    except OSError as err: print('denied', err.errno)\n"
+        f"open('/tmp/{marker}', 'w').write('private'); open('/sandbox/{marker}', 'w').write('private')\n"
+        "print(sorted(os.listdir('/root')), os.path.exists('/work/main/rewards'))\n")
+    result = sandbox.run(PY + [code])
+    assert result.ok, result.stderr
+    out = result.stdout.decode()
+    assert "WROTE" not in out and out.count("denied") == 5
+    assert "['.pyenv']" in out or "[]" in out  # the host's home is not there, only the Python prefix
+    assert "False" in out  # the repository is invisible
+    assert not host_target.exists()
+    assert not os.path.exists(f"/tmp/{marker}") and not os.path.exists(f"/etc/{marker}")
+
+
+@pytest.mark.integration
+def test_tmpfs_and_file_size_are_capped(sandbox):
+    code = ("import os\n"
+            "try:\n    open('big', 'wb').write(b'x' * (3 << 20)); print('big ok')\n"
+            "except OSError as err: print('big', err.errno)\n"
+            "n = 0\n"
+            "try:\n"
+            "    while n < 100:\n"
+            "        open(f'f{n}', 'wb').write(b'x' * (1 << 20)); n += 1\n"
+            "except OSError as err: print('full', err.errno, n)\n")
+    result = sandbox.run(PY + [code], limits=SandboxLimits(file_size_mb=2, tmpfs_mb=8))
+    out = result.stdout.decode().split()
+    assert out[:2] == ["big", "27"]            # EFBIG: RLIMIT_FSIZE
+    assert out[2:4] == ["full", "28"] and int(out[4]) <= 8  # ENOSPC: the tmpfs is 8 MB
+
+
+# ------------------------------------------------------------------ processes and limits
+
+@pytest.mark.integration
+def test_fork_bomb_is_capped_by_nproc_and_nothing_survives(sandbox):
+    marker = f"posttrain-bomb-{uuid.uuid4().hex}"
+    code = (f"# {marker}\n"
+            "import os, time\n"
+            "made = 0\n"
+            "for _ in range(200):\n"
+            "    try:\n"
+            "        if os.fork() == 0:\n"
+            "            time.sleep(60); os._exit(0)\n"
+            "        made += 1\n"
+            "    except OSError:\n"
+            "        break\n"
+            "print(made, flush=True)\n"
+            "time.sleep(60)\n")
+    result = sandbox.run(PY + [code], limits=SandboxLimits(wall_s=3, nproc=8))
+    assert result.timed_out and result.signal is not None
+    assert 0 < int(result.stdout) < 8  # the cap counts this sandbox's own processes only
+    assert wait_no_survivors(marker) == []
+
+
+@pytest.mark.integration
+def test_unbounded_fork_bomb_dies_with_the_sandbox(sandbox):
+    marker = f"posttrain-bomb-{uuid.uuid4().hex}"
+    code = f"# {marker}\nimport os\nwhile True:\n    try: os.fork()\n    except OSError: pass\n"
+    start = time.monotonic()
+    result = sandbox.run(PY + [code], limits=SandboxLimits(wall_s=1.5, nproc=12))
+    assert result.timed_out and time.monotonic() - start < 5
+    assert wait_no_survivors(marker) == []
+
+
+@pytest.mark.integration
+def test_wall_clock_kills_background_children_too(sandbox):
+    marker = f"posttrain-bg-{uuid.uuid4().hex}"
+    sleeper = f"import os, time; os.setsid(); time.sleep(60)  # {marker}"
+    script = f"{sys.executable} -I -S -c '{sleeper}' & {sys.executable} -I -S -c '{sleeper}' & wait"
+    result = sandbox.run(["sh", "-c", script], limits=SandboxLimits(wall_s=1))
+    assert result.timed_out and result.wall_s < 3
+    assert wait_no_survivors(marker) == []
+
+
+@pytest.mark.integration
+def test_children_left_behind_at_normal_exit_are_killed(sandbox):
+    marker = f"posttrain-orphan-{uuid.uuid4().hex}"
+    code = (f"# {marker}\nimport os, time\n"
+            "if os.fork() == 0:\n    os.setsid(); time.sleep(60); os._exit(0)\n"
+            "print('parent done')\n")
+    result = sandbox.run(PY + [code])
+    assert result.ok and result.stdout == b"parent done\n" and result.wall_s < 5
+    assert wait_no_survivors(marker) == []
+
+
+@pytest.mark.integration
+def test_memory_limit(sandbox):
+    code = "try:\n    x = bytearray(1 << 30)\n    print('allocated')\nexcept MemoryError:\n    print('MemoryError')\n"
+    result = sandbox.run(PY + [code], limits=SandboxLimits(memory_mb=128))
+    assert result.stdout == b"MemoryError\n"
+
+
+@pytest.mark.integration
+def test_cpu_limit_kills_spinning_program(sandbox):
+    result = sandbox.run(PY + ["while True: pass"], limits=SandboxLimits(cpu_s=1, wall_s=10))
+    assert result.signal is not None and not result.timed_out and result.wall_s < 5  # SIGXCPU / SIGKILL
+
+
+@pytest.mark.integration
+def test_output_cap_kills_a_flood(sandbox):
+    start = time.monotonic()
+    result = sandbox.run(PY + ["import sys\nwhile True: sys.stdout.write('x' * 65536)"],
+                         limits=SandboxLimits(stdout_bytes=100_000))
+    assert result.output_limited and len(result.stdout) == 100_000 and time.monotonic() - start < 5
+
+
+@pytest.mark.integration
+def test_on_stdout_can_stop_a_run(sandbox):
+    seen = []
+
+    def stop_at_first_line(chunk: bytes) -> bool:
+        seen.append(chunk)
+        return b"\n" not in chunk
+
+    result = sandbox.run(PY + ["import time\nprint('first', flush=True)\ntime.sleep(30)"],
+                         on_stdout=stop_at_first_line)
+    assert result.stopped and result.stdout == b"first\n" and result.wall_s < 5
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="uid slots are used when running as root; as a user the "
+                                                "user namespace gives each sandbox its own count")
+def test_concurrent_runs_get_distinct_uids(sandbox):
+    results = [None] * 4
+
+    def one(k):
+        results[k] = sandbox.run(PY + ["import os, time; time.sleep(0.3); print(os.getuid())"])
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    uids = {int(r.stdout) for r in results}
+    assert len(uids) == 4 and all(u >= sandbox_mod.SLOT_UID_BASE for u in uids)
