@@ -99,8 +99,8 @@ def _after_anchor(text: str) -> str | None:
         return next(group for group in math_env.groups() if group is not None)
     rest = rest.lstrip().split("\n", 1)[0]
     # A sentence ends at ". " (not at the point of 3.5).
-    rest = re.split(r"\.\s", rest, maxsplit=1)[0]
-    return rest
+    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]
+    return rest.strip()
 
 
 def extract_final_answer(completion: str, bare_answer_max_chars: int = DEFAULT_BARE_ANSWER_MAX_CHARS
@@ -151,7 +151,7 @@ def normalise_answer(answer: str) -> str:
     changed = True
     while changed:  # peel wrappers in any order: "**$5$.**"
         changed = False
-        stripped = text.strip().rstrip(".,;!").strip()
+        stripped = text.strip().rstrip(".,;").strip()  # not "!": 5! is a factorial
         if stripped.startswith("**") and stripped.endswith("**") and len(stripped) > 4:
             stripped = stripped[2:-2]
         for left, right in _DELIMITERS:
@@ -161,7 +161,7 @@ def normalise_answer(answer: str) -> str:
         stripped = stripped.replace(r"\displaystyle", "").strip()
         changed = stripped != text
         text = stripped
-    text = text.replace("$", "")  # stray inline-math markers or currency: never part of the value
+    text = text.replace("\\$", "").replace("$", "")  # stray inline-math markers or currency: never part of the value
     if _THOUSANDS_RE.match(text):
         text = _SEPARATOR_RE.sub("", text)
     scientific = _SCIENTIFIC_RE.match(text)
