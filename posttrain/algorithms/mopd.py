@@ -65,11 +65,13 @@ def teacher_logprobs_at_candidates(student_topk_ids: torch.Tensor, teacher_topk_
         raise ValueError(f"student top-k {tuple(student_topk_ids.shape)} and teacher top-k "
                          f"{tuple(teacher_topk_ids.shape)} must share the [N,T] positions; the teacher scores "
                          "must be aligned token for token with the student's response")
-    # same[N,T,k,k_T] = (student id j == teacher id l); k·k_T = 256 booleans per token at k = 16.
+    # same[N,T,k,k_T] = (student id j == teacher id l): k·k_T = 256 bytes per token at k = 16, the only
+    # 4-D temporary (a float one would be 4× that on a batch of millions of tokens).
     same = student_topk_ids.unsqueeze(-1) == teacher_topk_ids.unsqueeze(-2)
     cand_mask = same.any(-1)                                                                # [N,T,k]
-    teacher_lp = teacher_topk_logprobs.unsqueeze(-2).expand(same.shape)
-    cand_teacher_logprobs = torch.where(same, teacher_lp, torch.zeros_like(teacher_lp)).sum(-1)   # [N,T,k]
+    teacher_slot = same.to(torch.uint8).argmax(-1)                                          # [N,T,k] l of the match
+    teacher_lp = teacher_topk_logprobs.gather(-1, teacher_slot)                             # [N,T,k]
+    cand_teacher_logprobs = torch.where(cand_mask, teacher_lp, torch.zeros_like(teacher_lp))
     return cand_mask, cand_teacher_logprobs
 
 

@@ -7,7 +7,8 @@ Categories. The response text is the concatenation of its token strings; spans a
 the chat / think / tool-call structure and a few perception patterns, each character gets a category, and
 a token takes the highest-priority category among its characters:
 
-    FORMAT      chat and tool-call syntax, special tokens (<|im_end|>, <think>, <tool_call>, JSON keys "name"/"arguments")
+    FORMAT      chat and tool-call syntax, special tokens (<|im_end|>, <think>, <tool_call>,
+                the tool-call JSON keys "name" / "arguments")
     PERCEPTION  timestamps (12.5s, 01:02), boxes ([x1, y1, x2, y2], (x1,y1),(x2,y2), <|box_start|>…<|box_end|>),
                 quoted strings ("…", “…”: OCR readouts)
     TOOL_ARGS   inside <tool_call>…</tool_call>

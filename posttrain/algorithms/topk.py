@@ -38,10 +38,15 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 _out_dtype_kernels_ok = True
 
 
+def _fp32_out_kernel_applies(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    return (_out_dtype_kernels_ok and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+            and out_dtype == torch.float32)
+
+
 def _matmul_to(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a @ b with the result in out_dtype."""
     global _out_dtype_kernels_ok
-    if _out_dtype_kernels_ok and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:
+    if _fp32_out_kernel_applies(a, out_dtype):
         try:
             return torch.mm(a, b, out_dtype=out_dtype)
         except (RuntimeError, TypeError):
@@ -52,7 +57,7 @@ def _matmul_to(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torc
 def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, acc in fp32/fp64, a and b possibly bf16."""
     global _out_dtype_kernels_ok
-    if _out_dtype_kernels_ok and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+    if _fp32_out_kernel_applies(a, acc.dtype):
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
