@@ -1,0 +1,102 @@
+"""GSPO: Group Sequence Policy Optimization (Zheng et al., Qwen team, 2025) — ALGORITHMS.md §1.
+
+What it is: PPO-style clipped policy gradient whose importance ratio is the *per-sequence* geometric mean of
+the token ratios, with GRPO group-normalised outcome advantages and no value model. Because the ratio is a
+geometric mean over |y| tokens, the clip range is tiny (3e-4 / 4e-4) compared with PPO's 0.2.
+
+Pure torch, no I/O. Shapes: N sequences, T padded response length.
+"""
+from __future__ import annotations
+
+import torch
+
+# verl clamps the log-ratio before exp so that a wild sequence cannot overflow; the clip makes it irrelevant
+# to the value of the objective whenever |log s| < 10.
+_MAX_LOG_RATIO = 10.0
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO outcome advantage per sequence.
+
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      (scale_by_std=False: Dr.GRPO, no division)
+
+    rewards: float[N]; group_ids: long[N] (equal id = same prompt). std is the *unbiased* group std (as verl);
+    a singleton group gets mean 0 and std 1 (so A_i = r_i), as in verl. Groups with equal rewards get A = 0.
+    Returns float[N].
+    """
+    if rewards.ndim != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and "
+                         f"{tuple(group_ids.shape)}")
+    rewards = rewards.to(torch.float64)
+    _, group_index = torch.unique(group_ids, return_inverse=True)          # [N] in 0..G-1
+    num_groups = int(group_index.max()) + 1 if rewards.numel() else 0
+    counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(rewards))
+    sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_index, rewards)
+    means = sums / counts                                                    # [G]
+    sq_dev = (rewards - means[group_index]) ** 2                             # [N]
+    sq_sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_index, sq_dev)
+    stds = torch.sqrt(sq_sums / (counts - 1).clamp(min=1))                   # [G] unbiased
+    singleton = counts[group_index] == 1                                     # [N]
+    group_mean = torch.where(singleton, torch.zeros_like(rewards), means[group_index])
+    group_std = torch.where(singleton, torch.ones_like(rewards), stds[group_index])
+    centred = rewards - group_mean
+    advantages = centred / (group_std + eps) if scale_by_std else centred
+    return advantages.to(torch.float32)
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log s_i = (1/|y_i|) Σ_t mask·(log πθ − log π_old).   [N,T] x3 → [N]"""
+    mask = mask.to(logprobs.dtype)
+    lengths = mask.sum(-1).clamp(min=1.0)
+    return ((logprobs - old_logprobs) * mask).sum(-1) / lengths
+
+
+def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO loss = −J, J = (1/N) Σ_i  mean_t∈y_i  min( s_i,t A_i,t , clip(s_i,t, 1−ε_low, 1+ε_high) A_i,t ).
+
+    logprobs [N,T] (differentiable, log πθ of the sampled tokens), old_logprobs [N,T] (π_old, detached),
+    mask [N,T] (1 on policy-generated tokens), advantages [N] (sequence) or [N,T] (per token).
+
+    Written in the GSPO-token form, s_i,t = sg[s_i] · πθ(y_i,t) / sg[πθ(y_i,t)]: its value is s_i at every
+    token, and with A_i,t = A_i its gradient equals sequence-level GSPO's; it also accepts per-token advantages
+    (MOPD mixed with outcome rewards). Each sequence counts once whatever its length (token mean per sequence,
+    then mean over sequences).
+    Returns (loss scalar, metrics dict of floats).
+    """
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be [N,T]")
+    mask_f = mask.to(logprobs.dtype)
+    old_logprobs = old_logprobs.detach()
+    log_seq_ratio = sequence_log_ratio(logprobs, old_logprobs, mask_f).clamp(max=_MAX_LOG_RATIO)   # [N]
+    # GSPO-token: value log s_i, gradient ∇log πθ(y_i,t) at every token.
+    log_token_ratio = logprobs - logprobs.detach() + log_seq_ratio.detach().unsqueeze(-1)          # [N,T]
+    ratio = torch.exp(log_token_ratio)                                                             # [N,T]
+    adv = advantages.detach().to(logprobs.dtype)
+    adv = adv.unsqueeze(-1).expand_as(ratio) if adv.ndim == 1 else adv                             # [N,T]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    objective = torch.minimum(unclipped, clipped)                                                  # [N,T]
+    lengths = mask_f.sum(-1).clamp(min=1.0)
+    per_sequence = (objective * mask_f).sum(-1) / lengths                                          # [N]
+    has_tokens = (mask_f.sum(-1) > 0).to(logprobs.dtype)
+    loss = -(per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+    with torch.no_grad():
+        seq_ratio = torch.exp(log_seq_ratio)
+        # A token is clipped when the clipped branch is the active (smaller) one and differs from the unclipped.
+        clipped_tok = (clipped < unclipped) & (mask_f > 0)
+        seq_adv = (adv * mask_f).sum(-1) / lengths
+        valid = has_tokens > 0
+        n_valid = max(int(valid.sum()), 1)
+        metrics = {
+            "loss/policy": float(loss.detach()),
+            "loss/clip_frac": float(clipped_tok.any(-1)[valid].float().sum() / n_valid),
+            "loss/clip_frac_low": float(((seq_ratio < 1 - clip_low) & (seq_adv < 0))[valid].float().sum() / n_valid),
+            "loss/clip_frac_high": float(((seq_ratio > 1 + clip_high) & (seq_adv > 0))[valid].float().sum() / n_valid),
+            "loss/seq_ratio_mean": float(seq_ratio[valid].mean()) if valid.any() else 1.0,
+            "loss/seq_ratio_max": float(seq_ratio[valid].max()) if valid.any() else 1.0,
+        }
+    return loss, metrics

@@ -1,0 +1,289 @@
+"""The recipe schema: one YAML file per run, validated before anything heavy starts.
+
+Imports no torch, Ray or vLLM, so `posttrain validate` runs anywhere. Every field has its default here (never
+`cfg.get(key, default)` in the code), unknown keys are rejected, and every error names the field path, the bad
+value and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe problem, phrased for the user: field path, bad value, fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Hugging Face model folder (config.json, tokenizer, weights).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Trainer and engine dtype.")
+
+
+class DataConfig(_Strict):
+    train_files: list[str] = Field(description="JSONL or Parquet files of verl-style rows.")
+    eval_files: list[str] = Field(default_factory=list, description="Held-out rows; evaluated before training, "
+                                  "every `eval_every` steps and at the end.")
+    eval_every: int = Field(10, ge=0, description="Evaluate every N steps (0: only before and after).")
+    eval_max_prompts: Optional[int] = Field(None, ge=1, description="Cap on held-out prompts per evaluation.")
+    shuffle: bool = Field(True, description="Seeded reshuffle of the training rows every epoch.")
+    max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are an error naming the row.")
+
+
+class RolloutConfig(_Strict):
+    num_workers: int = Field(1, ge=1, description="Rollout actors, each owning one vLLM engine.")
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per training step.")
+    n: int = Field(8, ge=1, description="Responses per prompt (the GRPO/GSPO group size).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1, description="Max response tokens.")
+    eval_temperature: float = Field(1.0, ge=0, description="Sampling temperature of held-out evaluation.")
+    eval_n: int = Field(4, ge=1, description="Samples per held-out prompt (their mean reward is reported).")
+    canary_tolerance: float = Field(2e-3, gt=0, description="Max |engine − trainer| log-prob on the canary "
+                                    "sequence after each weight sync; larger means stale weights: the run stops.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+
+
+class RewardFunctionConfig(_Strict):
+    name: str = Field(description="Built-in reward name, 'package.module:function' or 'path/file.py:function'.")
+    weight: float = Field(1.0, description="Weight in the summed reward; 0 = computed and logged only.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments bound to the function.")
+    data_sources: Optional[list[str]] = Field(None, description="Apply only to rows of these data_source values "
+                                              "(None: all rows).")
+
+
+class RewardsConfig(_Strict):
+    functions: list[RewardFunctionConfig] = Field(min_length=1)
+    timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit per sample; beyond it the sample scores 0 "
+                             "and counts as `reward/failures/timeout`.")
+    max_concurrency: int = Field(4, ge=1, description="Reward tasks in flight at once.")
+
+
+class GSPOConfig(_Strict):
+    clip_low: float = Field(3e-4, ge=0)
+    clip_high: float = Field(4e-4, ge=0)
+    scale_by_std: bool = Field(True, description="False: Dr.GRPO advantages (no division by the group std).")
+    eps: float = Field(1e-6, gt=0)
+    mini_batches: int = Field(4, ge=1, description="Optimizer steps per rollout batch.")
+    epochs: int = Field(1, ge=1, description="Passes over the rollout batch.")
+    filter_equal_reward_groups: bool = Field(False, description="Drop groups whose rewards are all equal (no signal) "
+                                             "from the update (DAPO-style filtering without resampling).")
+
+
+class OptimizerConfig(_Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainerConfig(_Strict):
+    num_workers: int = Field(1, ge=1, description="Trainer actors (torch.distributed ranks, data parallel).")
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with GPUs, else gloo.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per LM-head chunk (never full [T, V] logits).")
+    torch_threads: int = Field(1, ge=1, description="torch.set_num_threads in each trainer actor.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(10, ge=1, description="Save the full training state every N steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(None, description="Attach to this Ray cluster ('auto' or 'host:port'); "
+                                   "None starts an embedded local cluster.")
+    num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs of the embedded cluster "
+                                    "(None: enough for the recipe's actors).")
+
+
+class Recipe(_Strict):
+    name: str = Field(description="Run name, shown in logs.")
+    algorithm: Literal["gspo", "mopd"] = "gspo"
+    seed: int = 0
+    total_steps: int = Field(ge=1)
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: RewardsConfig
+    gspo: GSPOConfig = Field(default_factory=GSPOConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Recipe":
+        samples = self.rollout.prompts_per_step * self.rollout.n
+        if samples % self.gspo.mini_batches:
+            raise ValueError(
+                f"rollout.prompts_per_step × rollout.n = {samples} samples per step is not divisible by "
+                f"gspo.mini_batches = {self.gspo.mini_batches}; pick values whose product is a multiple of it")
+        if self.rollout.prompts_per_step % self.gspo.mini_batches:
+            raise ValueError(
+                f"rollout.prompts_per_step = {self.rollout.prompts_per_step} is not divisible by gspo.mini_batches = "
+                f"{self.gspo.mini_batches}: each mini-batch holds whole groups; change either value")
+        if self.trainer.num_workers > 1 and (samples // self.gspo.mini_batches) % self.trainer.num_workers:
+            raise ValueError(
+                f"a mini-batch of {samples // self.gspo.mini_batches} samples does not split evenly over "
+                f"trainer.num_workers = {self.trainer.num_workers}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides and error formatting
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if key not in node or node[key] is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise RecipeError(f"override {dotted}=...: `{key}` is not a section (it holds {node[key]!r})")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b=c` overrides; values are parsed as YAML (`rollout.n=4`, `data.train_files=[a.jsonl]`)."""
+    tree = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key.path=value (e.g. rollout.n=4)")
+        key, _, text = item.partition("=")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text != "" else "")
+    return tree
+
+
+def _known_fields(model_cls: type[BaseModel], path: tuple) -> list[str]:
+    cls = model_cls
+    for part in path:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return []
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"recipe {source} is invalid:"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        path = ".".join(loc) or "(top level)"
+        bad = e.get("input")
+        bad_text = json.dumps(bad, default=str)[:120] if not isinstance(bad, dict) else "{...}"
+        if e["type"] == "extra_forbidden":
+            known = _known_fields(Recipe, tuple(loc[:-1]))
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"did you mean `{'.'.join(loc[:-1] + close)}`?" if close else f"known keys here: {', '.join(known)}"
+            lines.append(f"  - `{path}`: unknown key; {hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  - `{path}`: required field is missing; add it to the recipe")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - `{path}`: got {bad_text}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe_dict(path: str, overrides: list[str] | None = None) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file {path!r} not found; pass the path of a YAML recipe (see recipes/)")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping at the top level, got {type(raw).__name__}")
+    return apply_overrides(raw, overrides or [])
+
+
+def _resolve_paths(tree: dict, base_dir: str) -> dict:
+    """Relative file paths in a recipe are relative to the working directory if they exist there, else to the
+    recipe's own folder (so `posttrain run recipes/x.yaml` works from anywhere)."""
+    def fix(p: str) -> str:
+        if os.path.isabs(p) or os.path.exists(p):
+            return p
+        candidate = os.path.normpath(os.path.join(base_dir, p))
+        return candidate if os.path.exists(candidate) else p
+    tree = copy.deepcopy(tree)
+    if isinstance(tree.get("model"), dict) and isinstance(tree["model"].get("path"), str):
+        tree["model"]["path"] = fix(tree["model"]["path"])
+    data = tree.get("data")
+    if isinstance(data, dict):
+        for key in ("train_files", "eval_files"):
+            if isinstance(data.get(key), list):
+                data[key] = [fix(p) if isinstance(p, str) else p for p in data[key]]
+            elif isinstance(data.get(key), str):
+                data[key] = [fix(data[key])]
+    return tree
+
+
+def parse_recipe(tree: dict, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, source)) from None
+
+
+def load_recipe(path: str, overrides: list[str] | None = None, *, check_files: bool = True) -> Recipe:
+    tree = _resolve_paths(load_recipe_dict(path, overrides), os.path.dirname(os.path.abspath(path)))
+    recipe = parse_recipe(tree, path)
+    if check_files:
+        check_recipe_files(recipe)
+    return recipe
+
+
+def check_recipe_files(recipe: Recipe) -> None:
+    problems = []
+    mp = recipe.model.path
+    if not os.path.isdir(mp) or not os.path.isfile(os.path.join(mp, "config.json")):
+        problems.append(f"  - `model.path`: {mp!r} is not a Hugging Face model folder (no config.json); "
+                        "build the toy model with `posttrain toy build` or point it at a model folder")
+    for key in ("train_files", "eval_files"):
+        for i, p in enumerate(getattr(recipe.data, key)):
+            if not os.path.isfile(p):
+                problems.append(f"  - `data.{key}[{i}]`: file {p!r} not found; fix the path")
+            elif not p.endswith((".jsonl", ".json", ".parquet")):
+                problems.append(f"  - `data.{key}[{i}]`: {p!r} must be .jsonl, .json or .parquet")
+    if problems:
+        raise RecipeError("recipe refers to missing inputs:\n" + "\n".join(problems))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return json.loads(recipe.model_dump_json())
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)

@@ -1,0 +1,114 @@
+"""Rewards in a run: every sample scored by the recipe's reward functions in Ray tasks, off the driver.
+
+A reward that raises scores 0 (`reward/failures/exception:Type`); one that exceeds `rewards.timeout_s` has its
+task force-cancelled (the worker process is killed, which also stops C code such as a stuck sympy call) and
+scores 0 (`reward/failures/timeout`). Neither stops nor hangs the run.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+import ray
+
+from rewards.base import RewardResult, bind_reward, call_reward
+
+_LOADED: dict[str, Any] = {}  # per worker process: reward spec → bound function
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFn:
+    name: str
+    weight: float
+    kwargs: tuple  # sorted (key, value) pairs, hashable and picklable
+    data_sources: tuple | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}|{self.kwargs!r}"
+
+    def applies_to(self, data_source: str) -> bool:
+        return self.data_sources is None or data_source in self.data_sources
+
+
+def reward_fns_from_recipe(rewards_cfg) -> list[RewardFn]:
+    return [RewardFn(f.name, f.weight, tuple(sorted(f.kwargs.items())),
+                     tuple(f.data_sources) if f.data_sources is not None else None) for f in rewards_cfg.functions]
+
+
+def check_rewards_load(fns: list[RewardFn]) -> None:
+    """Resolve every reward once on the driver so that a bad name fails before any heavy work."""
+    for fn in fns:
+        bind_reward(fn.name, dict(fn.kwargs))
+
+
+def _score_sample(fns: list[RewardFn], data_source: str, solution: str, ground_truth: Any,
+                  extra_info: dict | None) -> dict:
+    total, components, failures, details = 0.0, {}, [], {}
+    for fn in fns:
+        if not fn.applies_to(data_source):
+            continue
+        bound = _LOADED.get(fn.key)
+        if bound is None:
+            bound = _LOADED[fn.key] = bind_reward(fn.name, dict(fn.kwargs))
+        result: RewardResult = call_reward(bound, data_source, solution, ground_truth, extra_info)
+        components[fn.name] = result.score
+        total += fn.weight * result.score
+        if result.failure:
+            failures.append(result.failure)
+        details[fn.name] = result.details
+    return {"score": total, "components": components, "failures": failures}
+
+
+_score_task = ray.remote(num_cpus=0.5, max_retries=0)(_score_sample)
+
+
+def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, max_concurrency: int) -> list[dict]:
+    """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures}]."""
+    results: list[dict | None] = [None] * len(samples)
+    queue = collections.deque(range(len(samples)))
+    in_flight: dict[Any, tuple[int, float]] = {}
+    fns_ref = ray.put(fns)
+    while queue or in_flight:
+        while queue and len(in_flight) < max_concurrency:
+            i = queue.popleft()
+            s = samples[i]
+            ref = _score_task.remote(fns_ref, s["data_source"], s["solution"], s["ground_truth"], s["extra_info"])
+            in_flight[ref] = (i, time.monotonic())
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.05)
+        for ref in ready:
+            i, _ = in_flight.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 — a crashed worker (segfault, os._exit) is a failed sample
+                results[i] = {"score": 0.0, "components": {}, "failures": [f"crash:{type(err).__name__}"]}
+        now = time.monotonic()
+        for ref, (i, started) in list(in_flight.items()):
+            if now - started > timeout_s:
+                ray.cancel(ref, force=True)
+                in_flight.pop(ref)
+                results[i] = {"score": 0.0, "components": {}, "failures": ["timeout"]}
+    return results  # type: ignore[return-value]
+
+
+def reward_metrics(results: list[dict], data_sources: list[str], prefix: str = "reward") -> dict[str, float]:
+    scores = [r["score"] for r in results]
+    out = {f"{prefix}/mean": sum(scores) / max(len(scores), 1)}
+    by_source: dict[str, list[float]] = collections.defaultdict(list)
+    for r, ds in zip(results, data_sources):
+        by_source[ds].append(r["score"])
+    for ds, vals in sorted(by_source.items()):
+        out[f"{prefix}/by_source/{ds}"] = sum(vals) / len(vals)
+    comp: dict[str, list[float]] = collections.defaultdict(list)
+    for r in results:
+        for name, v in r["components"].items():
+            comp[name].append(v)
+    for name, vals in sorted(comp.items()):
+        out[f"{prefix}/component/{name}"] = sum(vals) / len(vals)
+    failures = collections.Counter(f for r in results for f in r["failures"])
+    for kind, count in sorted(failures.items()):
+        out[f"{prefix}/failures/{kind}"] = float(count)
+    out[f"{prefix}/failures/total"] = float(sum(failures.values()))
+    return out

@@ -1,0 +1,141 @@
+"""Build the project's own tiny models: a BPE tokenizer trained on generated text, a Qwen3-architecture model
+from a config, and a short supervised warm-up that gives it partial competence (so RL has signal).
+
+    posttrain toy build --out posttrain/toy/assets/toy-base --domains add --sft-steps 300
+
+No model hub is reachable here or in CI; everything is made from the toy task generators. The result is a
+plain Hugging Face folder (config, tokenizer, model.safetensors) that transformers and vLLM load as is.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import torch
+
+from posttrain.toy.tasks import DOMAINS, make_rows
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+                  "<tool_call>", "</tool_call>", "<answer>", "</answer>"]
+# Qwen-style chat template (no default system prompt). The generation prompt ends with "assistant\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """Byte-level BPE with single-digit pre-tokenisation (digits never merge: arithmetic stays learnable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, *, hidden_size: int = 256, layers: int = 2, seed: int = 0):
+    """A randomly initialised Qwen3 causal LM sized for the CPU (head_dim 64: vLLM's CPU attention needs it)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    vocab = int(math.ceil(vocab / 64) * 64)   # padded vocab, as real models do
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=max(1, hidden_size // 128),
+        head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
+        torch_dtype="float32",
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model
+
+
+def encode_example(tokenizer, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """Segmented tokenisation: prompt (chat template) and response tokenised separately, then concatenated,
+    so no BPE merge crosses the boundary — the same ids the rollout engine produces."""
+    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return list(prompt_ids), response_ids
+
+
+def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int = 64, lr: float = 3e-3,
+                      seed: int = 0, log_every: int = 50) -> list[float]:
+    """Cross-entropy on the response tokens of the rows' ideal answers. Returns the loss curve."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    encoded = [encode_example(tokenizer, r["prompt"], r["extra_info"]["answer"]) for r in rows]
+    pad = tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="supervised warm-up", unit="step")
+    for step in bar:
+        batch = rng.sample(encoded, min(batch_size, len(encoded)))
+        length = max(len(p) + len(r) for p, r in batch)
+        ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        attn = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, (p, r) in enumerate(batch):
+            seq = p + r
+            ids[i, :len(seq)] = torch.tensor(seq)
+            labels[i, len(p):len(seq)] = torch.tensor(r)
+            attn[i, :len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    model.eval()
+    return losses
+
+
+def corpus_for_tokenizer(seed: int = 0, n: int = 4000) -> list[str]:
+    """Text the tokenizer learns its merges from: every domain's questions and answers plus chat markup."""
+    rows = make_rows(sorted(DOMAINS), n, seed, "tokenizer")
+    texts = []
+    for r in rows:
+        texts.append(r["prompt"][0]["content"])
+        texts.append(r["extra_info"]["answer"])
+    texts += ["user", "assistant", "system", "tool", "Answer: "] * 50
+    return texts
+
+
+def build_toy_base(out_dir: str, *, domains: list[str], sft_steps: int, sft_rows: int = 20000,
+                   hidden_size: int = 256, layers: int = 2, seed: int = 0, lr: float = 3e-3) -> dict:
+    """Tokenizer + model + supervised warm-up on `domains`; saved as a Hugging Face folder."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(corpus_for_tokenizer(seed))
+    model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, seed=seed)
+    rows = make_rows(domains, sft_rows, seed, "sft")
+    losses = supervised_warmup(model, tokenizer, rows, steps=sft_steps, seed=seed, lr=lr) if sft_steps else []
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"final_sft_loss": losses[-1] if losses else None, "params": sum(p.numel() for p in model.parameters())}

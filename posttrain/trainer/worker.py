@@ -1,0 +1,216 @@
+"""The trainer: one torch.distributed rank per Ray actor (gloo on CPU, NCCL on GPU), data parallel.
+
+Each rank holds a full replica and averages gradients with all-reduce; the batch is split evenly across ranks.
+(This is the seam where FSDP2 sharding goes for models that do not fit one device: `_wrap_model`.)
+Rank 0 serves weights for the rollout engines and writes checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from posttrain.algorithms.gspo import gspo_loss
+from posttrain.algorithms.logprobs import sequence_token_logprobs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Multiplier of the base LR at optimizer step s (warm-up, then constant / cosine / linear decay)."""
+    def fn(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * decay
+    return fn
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [N, L] input ids and a [N, L-1] response mask aligned with next-token log-probs.
+
+    Position t-1 of the log-prob tensor scores token t; the mask is 1 exactly on response tokens."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    L = max(lengths)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), L), dtype=torch.long)
+    resp_mask = torch.zeros((len(prompts), L - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, :len(p) + len(r)] = 1
+        resp_mask[i, len(p) - 1:len(p) - 1 + len(r)] = 1.0
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask}
+
+
+class TrainerRank:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, recipe: dict):
+        self.rank, self.world_size = rank, world_size
+        trainer_cfg = recipe["trainer"]
+        torch.set_num_threads(trainer_cfg["torch_threads"])
+        self.device = torch.device("cuda", torch.cuda.current_device()) if (
+            trainer_cfg["gpus_per_worker"] > 0 and torch.cuda.is_available()) else torch.device("cpu")
+        backend = trainer_cfg["backend"]
+        if backend == "auto":
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        self.cfg = recipe
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(recipe["seed"])
+        self.tokenizer = AutoTokenizer.from_pretrained(recipe["model"]["path"])
+        self.model = AutoModelForCausalLM.from_pretrained(
+            recipe["model"]["path"], dtype=_DTYPES[recipe["model"]["dtype"]]).to(self.device)
+        self.model.config.use_cache = False
+        opt = trainer_cfg["optimizer"]
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
+                                           eps=opt["eps"], weight_decay=opt["weight_decay"])
+        total_opt_steps = recipe["total_steps"] * recipe["gspo"]["mini_batches"] * recipe["gspo"]["epochs"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(opt["schedule"], opt["warmup_steps"], total_opt_steps, opt["min_lr_ratio"]))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # -- log-probs ----------------------------------------------------------------------------------------------
+    def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_token_logprobs(self.model, batch["input_ids"].to(self.device),
+                                       batch["attention_mask"].to(self.device),
+                                       self.cfg["trainer"]["logprob_chunk_size"])
+
+    @torch.no_grad()
+    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """π_old: the trainer's own log-probs of each response token under the current weights."""
+        self.model.eval()
+        out: list[list[float]] = []
+        mb = self.cfg["trainer"]["micro_batch_size"]
+        for s in range(0, len(prompts), mb):
+            batch = pack_sequences(prompts[s:s + mb], responses[s:s + mb], self.pad_id)
+            lp = self._logprobs(batch).float().cpu()
+            for i, (p, r) in enumerate(zip(prompts[s:s + mb], responses[s:s + mb])):
+                out.append(lp[i, len(p) - 1:len(p) - 1 + len(r)].tolist())
+        return out
+
+    # -- update -------------------------------------------------------------------------------------------------
+    def train_minibatch(self, prompts: list[list[int]], responses: list[list[int]], old_logprobs: list[list[float]],
+                        advantages: list[float], global_batch_size: int) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (gradient accumulation over micro-batches).
+
+        The GSPO loss is a mean over sequences; each micro-batch's loss is weighted by its share of the *global*
+        mini-batch, and ranks sum their gradients (all-reduce), which gives exactly the global mean."""
+        self.model.train()
+        gcfg = self.cfg["gspo"]
+        mb = self.cfg["trainer"]["micro_batch_size"]
+        metrics_sum: dict[str, float] = {}
+        n_micro = 0
+        for s in range(0, len(prompts), mb):
+            batch = pack_sequences(prompts[s:s + mb], responses[s:s + mb], self.pad_id)
+            mask = batch["response_mask"].to(self.device)
+            old = torch.zeros_like(mask)
+            for i, (p, lp) in enumerate(zip(prompts[s:s + mb], old_logprobs[s:s + mb])):
+                old[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp, device=self.device)
+            adv = torch.tensor(advantages[s:s + mb], dtype=torch.float32, device=self.device)
+            logprobs = self._logprobs(batch)
+            loss, metrics = gspo_loss(logprobs, old, adv, mask, clip_low=gcfg["clip_low"], clip_high=gcfg["clip_high"])
+            (loss * (mask.shape[0] / global_batch_size)).backward()
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + v
+            n_micro += 1
+        if self.world_size > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.cfg["trainer"]["optimizer"]["max_grad_norm"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / max(n_micro, 1) for k, v in metrics_sum.items()}
+        out["loss/grad_norm"] = float(grad_norm)
+        out["loss/lr"] = float(self.scheduler.get_last_lr()[0])
+        return out
+
+    # -- weights, checkpoints -----------------------------------------------------------------------------------
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Hugging Face names → CPU tensors, for the rollout engines (tied weights are sent once)."""
+        seen: set[int] = set()
+        out = []
+        for name, tensor in self.model.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            out.append((name, tensor.detach().to("cpu", copy=True)))
+        return out
+
+    @torch.no_grad()
+    def canary_logprobs(self, token_ids: list[int]) -> list[float]:
+        self.model.eval()
+        batch = pack_sequences([token_ids[:1]], [token_ids[1:]], self.pad_id)
+        return self._logprobs(batch)[0].float().cpu().tolist()
+
+    def parameter_checksum(self) -> float:
+        return float(sum(p.detach().double().abs().sum() for p in self.model.parameters()))
+
+    def save_state(self, directory: str) -> None:
+        """Weights (HF safetensors), optimizer, LR schedule and RNG states of this rank."""
+        os.makedirs(directory, exist_ok=True)
+        if self.rank == 0:
+            self.model.save_pretrained(os.path.join(directory, "model"), safe_serialization=True)
+            self.tokenizer.save_pretrained(os.path.join(directory, "model"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(directory, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   os.path.join(directory, f"rng_rank{self.rank}.pt"))
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load_state(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(directory, "model", "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
+        if self.model.config.tie_word_embeddings:
+            self.model.tie_weights()
+        opt = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng_path):  # a resume on more ranks than saved starts the extra ranks fresh
+            rng = torch.load(rng_path, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+
+    def save_hf(self, directory: str) -> None:
+        if self.rank == 0:
+            self.model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@ray.remote
+class TrainerWorker(TrainerRank):
+    """TrainerRank as a Ray actor (resources from trainer.cpus_per_worker / gpus_per_worker)."""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
