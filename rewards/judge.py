@@ -52,6 +52,8 @@ import time
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
+import httpx  # imported here, not lazily: a first import on the runtime loop would stall every request
+
 BASE_URL_ENV = "POSTTRAIN_JUDGE_BASE_URL"
 MODEL_ENV = "POSTTRAIN_JUDGE_MODEL"
 API_KEY_ENVS = ("POSTTRAIN_JUDGE_API_KEY", "OPENAI_API_KEY")
@@ -454,7 +456,6 @@ class _JudgeRuntime:
     # -- pieces used on the loop
 
     def client_for(self, base_url: str):
-        import httpx
         client = self.clients.get(base_url)
         if client is None:
             host = urlparse(base_url).hostname or ""
@@ -552,7 +553,6 @@ async def _resolve_model(rt: _JudgeRuntime, cfg: JudgeConfig, headers: dict) -> 
 
 async def _post_once(rt: _JudgeRuntime, cfg: JudgeConfig, body: dict, headers: dict) -> tuple[_Answer, float | None, bool]:
     """One HTTP attempt → (answer, retry_after, retryable)."""
-    import httpx
     rt.stats.add("http_attempts")
     try:
         response = await asyncio.wait_for(
