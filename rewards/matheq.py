@@ -299,6 +299,64 @@ def _quiet_math_verify() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+MAX_RESULT_DIGITS = 100_000  # no real answer has more digits; computing one can take hours
+
+
+def log10_upper_bound(expr) -> float | None:
+    """An upper bound on log10|value| for a numeric tree of numbers, +, ×, powers and factorials
+    (math.inf when astronomically large); None when the tree is not purely numeric.
+
+    Lets the worker refuse `9^{9^{9^{9}}}` in microseconds instead of burning its whole time
+    limit; the wall-clock kill stays the backstop for everything this does not recognise.
+    """
+    from sympy import Add, Mul, Pow, factorial
+    if expr.is_Integer:
+        return math.log10(abs(int(expr))) if expr != 0 else 0.0
+    if expr.is_Rational:  # the size of its representation, which is what computing with it costs
+        return max(math.log10(abs(int(expr.p))), math.log10(int(expr.q)))
+    if expr.is_Float:
+        return max(math.log10(abs(float(expr))), 0.0) if float(expr) != 0 else 0.0
+    if expr.is_NumberSymbol:
+        return 1.0
+    if isinstance(expr, Pow):
+        base, exponent = log10_upper_bound(expr.base), log10_upper_bound(expr.exp)
+        if base is None or exponent is None:
+            return None
+        if exponent > 300:
+            return math.inf
+        return base * 10 ** exponent
+    if isinstance(expr, factorial):
+        argument = log10_upper_bound(expr.args[0])
+        if argument is None:
+            return None
+        if argument > 300:
+            return math.inf
+        n = 10 ** argument
+        return n * max(math.log10(n), 1.0)
+    if isinstance(expr, (Add, Mul)):
+        parts = [log10_upper_bound(arg) for arg in expr.args]
+        if any(part is None for part in parts):
+            return None
+        return sum(parts) + math.log10(len(parts))
+    return None
+
+
+def too_large_to_evaluate(expr, max_nodes: int = 10_000) -> bool:
+    """True when some numeric sub-expression would have more than MAX_RESULT_DIGITS digits
+    (e.g. `x^{9^{9^9}}`: its exponent alone is too large to compute)."""
+    from sympy import Basic, preorder_traversal
+    if not isinstance(expr, Basic):
+        return False
+    for count, node in enumerate(preorder_traversal(expr)):
+        if count >= max_nodes:
+            return False  # the wall-clock limit will deal with it
+        if node.is_Pow or node.func.__name__ == "factorial":
+            bound = log10_upper_bound(node)
+            if bound is not None and bound > MAX_RESULT_DIGITS:
+                return True
+    return False
+
+
 def symbolic_equal(gold: str, pred: str) -> tuple[bool, str | None]:
     """Worker task: (equal, failure kind or None). Math-Verify's verify is asymmetric on purpose
     (gold first): e.g. a gold inequality `x>1` accepts the interval `(1,\\infty)`, not the reverse."""
@@ -311,6 +369,10 @@ def symbolic_equal(gold: str, pred: str) -> tuple[bool, str | None]:
         return False, "gold_parse_error"
     if not pred_parsed:
         return False, "parse_error"
+    if any(too_large_to_evaluate(item) for item in gold_parsed):
+        return False, "gold_too_large"
+    if any(too_large_to_evaluate(item) for item in pred_parsed):
+        return False, "too_large"
     equal = bool(verify(gold_parsed, pred_parsed, strict=True, timeout_seconds=None))
     if not equal and not any(isinstance(item, (Basic, MatrixBase)) for item in pred_parsed):
         return False, "parse_error"

@@ -108,7 +108,7 @@ def test_whole_command_in_parallel_with_progress_and_a_bomb(tmp_path):
     rows = []
     for i in range(200):
         rows.append({"completion": rf"\boxed{{\frac{{{i}}}{{2}}}}", "ground_truth": str(i / 2), "i": i})
-    rows.insert(50, {"completion": r"\boxed{9^{9^{9^{9}}}}", "ground_truth": "1", "i": -1})
+    rows.insert(50, {"completion": r"\boxed{\sum_{k=1}^{10^{12}} k^{k}}", "ground_truth": "1", "i": -1})
     write_jsonl(source, rows)
     proc = subprocess.run([sys.executable, "-m", "posttrain.score", "--reward", "math",
                            "--reward-kwargs", '{"timeout_s": 1.0}', str(source), "-o", str(out), "--workers", "2"],
