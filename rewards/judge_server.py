@@ -272,7 +272,12 @@ def launch_judge_actor(model_path: str, *, num_cpus: float = 1, num_gpus: float 
         if namespace is not None:
             options["namespace"] = namespace
     actor = actor_cls.options(**options).remote(model_path, server_kwargs)
-    base_url, model_name = ray.get(actor.start.remote(), timeout=start_timeout_s)
+    try:
+        base_url, model_name = ray.get(actor.start.remote(), timeout=start_timeout_s)
+    except Exception as err:
+        ray.kill(actor)  # a failed judge must not keep holding its CPUs/GPUs (or its name)
+        cause = getattr(err, "cause", None) or err
+        raise JudgeServerError(f"judge actor for {model_path} did not start: {cause}") from err
     return actor, base_url, model_name
 
 
