@@ -189,6 +189,54 @@ _MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "lg", "exp
 _SHORT_TEXT_WORDS = {"no", "yes"}
 
 
+_FRACTION_RE = re.compile(
+    r"^(?:[a-zA-Z]\s*=\s*)?(-?)\s*(?:\\[dt]?frac\s*\{\s*(\d{1,50})\s*\}\s*\{\s*(\d{1,50})\s*\}"
+    r"|\\[dt]?frac\s*(\d)(\d)|(\d{1,50})\s*/\s*(\d{1,50}))$")
+
+
+def parse_plain_fraction(answer: str) -> Fraction | None:
+    """Exact value of `\\frac{3}{4}`, `\\dfrac34`, `-3/4`, `x = 3/4`; None otherwise (or for /0)."""
+    match = _FRACTION_RE.match(answer.strip())
+    if not match:
+        return None
+    sign, *parts = match.groups()
+    numerator, denominator = [int(p) for p in parts if p is not None]
+    if denominator == 0:
+        return None
+    value = Fraction(numerator, denominator)
+    return -value if sign else value
+
+
+def _terminates(value: Fraction) -> bool:
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    return denominator == 1
+
+
+def plain_values_equal(gold: str, pred: str) -> bool | None:
+    """Exact verdict for plain numbers and fractions (see `plain_numbers_equal`), or None when
+    either side is something else. A fraction with a non-terminating decimal expansion against a
+    decimal (1/3 vs 0.333333) is left to Math-Verify's rounding rules (None)."""
+    gold_number, pred_number = parse_plain_number(gold), parse_plain_number(pred)
+    gold_fraction = parse_plain_fraction(gold) if gold_number is None else None
+    pred_fraction = parse_plain_fraction(pred) if pred_number is None else None
+    if gold_number is not None and pred_number is not None:
+        return plain_numbers_equal(gold_number, pred_number)
+    if gold_fraction is not None and pred_fraction is not None:
+        return gold_fraction == pred_fraction
+    if gold_fraction is not None and pred_number is not None:
+        fraction, number, number_text = gold_fraction, pred_number, pred
+    elif pred_fraction is not None and gold_number is not None:
+        fraction, number, number_text = pred_fraction, gold_number, gold
+    else:
+        return None
+    if "." in number_text and not _terminates(fraction):
+        return None
+    return plain_numbers_equal((fraction, False), number)
+
+
 def parse_plain_number(answer: str) -> tuple[Fraction, bool] | None:
     """(exact value, has a percent sign) for a plain numeral such as `-3`, `0.50`, `x = 3`, `50\\%`,
     `1.5\\times 10^{-3}`; None for anything else (which then goes to sympy)."""
@@ -419,9 +467,9 @@ def _compare(gold: str, pred: str, timeout_s: float) -> tuple[bool, str | None]:
         return predicted_letter(pred) == letter, None
     if is_text_answer(gold):
         return normalise_text(gold) == normalise_text(pred), None
-    gold_number, pred_number = parse_plain_number(gold), parse_plain_number(pred)
-    if gold_number is not None and pred_number is not None:
-        return plain_numbers_equal(gold_number, pred_number), None
+    verdict = plain_values_equal(gold, pred)
+    if verdict is not None:
+        return verdict, None
     from rewards._pool import shared_pool
     outcome = shared_pool().call("rewards.matheq:symbolic_equal", (gold, pred), timeout_s)
     if outcome.status == "ok":

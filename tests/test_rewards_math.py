@@ -298,3 +298,15 @@ def test_registered_and_callable_through_the_contract():
     assert outcome.score == 0.0 and outcome.failure == "no_answer"
     from rewards import math_reward
     assert math_reward("x", r"\boxed{4}", "4")["score"] == 1.0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("gold, pred, verdict", [
+    (r"\frac{3}{4}", "0.75", True), (r"\frac{1}{3}", "2/6", True), (r"\dfrac34", "3/4", True), ("3", "6/2", True),
+    (r"\frac{1}{2}", r"50\%", True), (r"\frac{1}{2}", "50", False), (r"\frac{3}{4}", "0.76", False),
+    (r"\frac{1}{3}", "0.333333", None),  # non-terminating: Math-Verify's rounding rules decide
+    ("1/0", "5", None), ("x^2", "1", None),
+])
+def test_exact_fast_path_for_numbers_and_fractions(gold, pred, verdict):
+    from rewards.matheq import plain_values_equal
+    assert plain_values_equal(gold, pred) is verdict
