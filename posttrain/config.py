@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import typing
 from typing import Any, Literal, Optional
 
 import yaml
@@ -118,6 +119,59 @@ class RayConfig(_Strict):
                                     "(None: enough for the recipe's actors).")
 
 
+class TeacherConfig(_Strict):
+    name: str = Field(description="Teacher name (metrics are reported per teacher under this name).")
+    path: str = Field(description="Hugging Face model folder; same tokenizer and vocabulary as the student.")
+    labels: list[str] = Field(min_length=1, description="Routing labels this teacher serves (values of "
+                              "mopd.route_key). A label may belong to one teacher only.")
+
+
+class MOPDConfig(_Strict):
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    route_key: str = Field("data_source", description="Row field that picks the teacher (dotted path, e.g. "
+                           "'extra_info.domain'). A value with no teacher is an error, never a silent default.")
+    top_k: int = Field(16, ge=1, description="k of the student and teacher top-k sets.")
+    max_logprobs: int = Field(20, ge=1, description="The teacher engines' log-prob cap (vLLM max_logprobs).")
+    resident_engines: int = Field(1, ge=1, description="Teacher engines kept alive; teachers time-share them by "
+                                  "swapping weights in memory (fewer engines than teachers is normal).")
+    engine_cpus: float = Field(1.0, ge=0)
+    engine_gpus: float = Field(0.0, ge=0)
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per rollout batch.")
+    clip_eps: Optional[float] = Field(None, gt=0, description="Per-candidate PPO clip of the ratio (None: off).")
+    gate_low: Optional[float] = Field(None, gt=0, description="Train/inference gate lower bound on π_old/μ "
+                                      "(None: gate off).")
+    gate_high: Optional[float] = Field(None, gt=0)
+    category_weights: dict[str, float] = Field(default_factory=dict, description="Token-category weights "
+                                               "(format, reasoning, answer, perception, tool_args); default all 1.")
+    repetition_penalty: float = Field(0.0, ge=0, description="λ_rep after the loop point τ (0: off).")
+    loop_min_repeats: int = Field(4, ge=2)
+    loop_min_tokens: int = Field(32, ge=1)
+    rl_alpha: float = Field(0.0, ge=0, description="Weight of the GSPO outcome-advantage term (0: pure MOPD).")
+    empty_overlap_fallback: bool = Field(False, description="Sampled-token reverse-KL advantage where Ω is empty.")
+    loss_form: Literal["per_candidate", "keye_literal"] = Field(
+        "per_candidate", description="keye_literal is the report's formula taken literally: an ablation whose "
+        "expected gradient is zero (ALGORITHMS.md §2.1).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MOPDConfig":
+        if self.top_k > self.max_logprobs:
+            raise ValueError(f"mopd.top_k = {self.top_k} exceeds the teacher engines' log-prob cap "
+                             f"mopd.max_logprobs = {self.max_logprobs}; lower top_k or raise max_logprobs")
+        seen: dict[str, str] = {}
+        for t in self.teachers:
+            for label in t.labels:
+                if label in seen:
+                    raise ValueError(f"routing label {label!r} is served by both teacher {seen[label]!r} and "
+                                     f"{t.name!r}; each label must route to exactly one teacher")
+                seen[label] = t.name
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+        if (self.gate_low is None) != (self.gate_high is None):
+            raise ValueError("set both mopd.gate_low and mopd.gate_high (e.g. 0.5 and 2.0), or neither")
+        return self
+
+
 class Recipe(_Strict):
     name: str = Field(description="Run name, shown in logs.")
     algorithm: Literal["gspo", "mopd"] = "gspo"
@@ -131,10 +185,13 @@ class Recipe(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    mopd: Optional[MOPDConfig] = Field(None, description="Required when algorithm is mopd.")
     log_every: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Recipe":
+        if self.algorithm == "mopd" and self.mopd is None:
+            raise ValueError("algorithm: mopd needs a `mopd:` section with at least one teacher")
         samples = self.rollout.prompts_per_step * self.rollout.n
         if samples % self.gspo.mini_batches:
             raise ValueError(
@@ -181,14 +238,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _known_fields(model_cls: type[BaseModel], path: tuple) -> list[str]:
     cls = model_cls
     for part in path:
+        if str(part).isdigit():  # a list index: stay on the list's item model
+            continue
         field = cls.model_fields.get(str(part))
         if field is None:
             return []
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
+        candidates = [ann, *typing.get_args(ann)]  # unwrap Optional[...] and list[...]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
             return []
+        cls = model
     return list(cls.model_fields)
 
 
@@ -236,6 +296,11 @@ def _resolve_paths(tree: dict, base_dir: str) -> dict:
     tree = copy.deepcopy(tree)
     if isinstance(tree.get("model"), dict) and isinstance(tree["model"].get("path"), str):
         tree["model"]["path"] = fix(tree["model"]["path"])
+    mopd = tree.get("mopd")
+    if isinstance(mopd, dict) and isinstance(mopd.get("teachers"), list):
+        for t in mopd["teachers"]:
+            if isinstance(t, dict) and isinstance(t.get("path"), str):
+                t["path"] = fix(t["path"])
     data = tree.get("data")
     if isinstance(data, dict):
         for key in ("train_files", "eval_files"):
@@ -273,6 +338,10 @@ def check_recipe_files(recipe: Recipe) -> None:
                 problems.append(f"  - `data.{key}[{i}]`: file {p!r} not found; fix the path")
             elif not p.endswith((".jsonl", ".json", ".parquet")):
                 problems.append(f"  - `data.{key}[{i}]`: {p!r} must be .jsonl, .json or .parquet")
+    for i, t in enumerate(recipe.mopd.teachers if recipe.mopd else []):
+        if not os.path.isfile(os.path.join(t.path, "config.json")):
+            problems.append(f"  - `mopd.teachers[{i}].path` (teacher {t.name!r}): {t.path!r} is not a model folder; "
+                            "train it (see README, MOPD) or fix the path")
     if problems:
         raise RecipeError("recipe refers to missing inputs:\n" + "\n".join(problems))
 

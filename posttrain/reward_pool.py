@@ -44,53 +44,58 @@ def check_rewards_load(fns: list[RewardFn]) -> None:
         bind_reward(fn.name, dict(fn.kwargs))
 
 
-def _score_sample(fns: list[RewardFn], data_source: str, solution: str, ground_truth: Any,
-                  extra_info: dict | None) -> dict:
-    total, components, failures, details = 0.0, {}, [], {}
-    for fn in fns:
-        if not fn.applies_to(data_source):
-            continue
-        bound = _LOADED.get(fn.key)
-        if bound is None:
-            bound = _LOADED[fn.key] = bind_reward(fn.name, dict(fn.kwargs))
-        result: RewardResult = call_reward(bound, data_source, solution, ground_truth, extra_info)
-        components[fn.name] = result.score
-        total += fn.weight * result.score
-        if result.failure:
-            failures.append(result.failure)
-        details[fn.name] = result.details
-    return {"score": total, "components": components, "failures": failures}
+def _score_one(fn: RewardFn, data_source: str, solution: str, ground_truth: Any, extra_info: dict | None) -> RewardResult:
+    bound = _LOADED.get(fn.key)
+    if bound is None:
+        bound = _LOADED[fn.key] = bind_reward(fn.name, dict(fn.kwargs))
+    return call_reward(bound, data_source, solution, ground_truth, extra_info)
 
 
-_score_task = ray.remote(num_cpus=0.5, max_retries=0)(_score_sample)
+_score_task = ray.remote(num_cpus=0.5, max_retries=0)(_score_one)
 
 
 def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, max_concurrency: int) -> list[dict]:
-    """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures}]."""
-    results: list[dict | None] = [None] * len(samples)
-    queue = collections.deque(range(len(samples)))
-    in_flight: dict[Any, tuple[int, float]] = {}
-    fns_ref = ray.put(fns)
+    """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures}].
+
+    One Ray task per (sample, reward function), so a reward that hangs or crashes costs only its own term."""
+    jobs = [(i, j) for i, s in enumerate(samples) for j, fn in enumerate(fns) if fn.applies_to(s["data_source"])]
+    outcome: dict[tuple[int, int], RewardResult] = {}
+    queue = collections.deque(jobs)
+    in_flight: dict[Any, tuple[tuple[int, int], float]] = {}
+    fn_refs = [ray.put(fn) for fn in fns]
     while queue or in_flight:
         while queue and len(in_flight) < max_concurrency:
-            i = queue.popleft()
+            i, j = queue.popleft()
             s = samples[i]
-            ref = _score_task.remote(fns_ref, s["data_source"], s["solution"], s["ground_truth"], s["extra_info"])
-            in_flight[ref] = (i, time.monotonic())
+            ref = _score_task.remote(fn_refs[j], s["data_source"], s["solution"], s["ground_truth"], s["extra_info"])
+            in_flight[ref] = ((i, j), time.monotonic())
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.05)
         for ref in ready:
-            i, _ = in_flight.pop(ref)
+            job, _ = in_flight.pop(ref)
             try:
-                results[i] = ray.get(ref)
-            except Exception as err:  # noqa: BLE001 — a crashed worker (segfault, os._exit) is a failed sample
-                results[i] = {"score": 0.0, "components": {}, "failures": [f"crash:{type(err).__name__}"]}
+                outcome[job] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 — a crashed worker (segfault, os._exit) is a failed term
+                outcome[job] = RewardResult(0.0, {}, f"crash:{type(err).__name__}")
         now = time.monotonic()
-        for ref, (i, started) in list(in_flight.items()):
+        for ref, (job, started) in list(in_flight.items()):
             if now - started > timeout_s:
+                # Force-cancel kills the worker process: the only way to stop C code stuck in, e.g., sympy.
                 ray.cancel(ref, force=True)
                 in_flight.pop(ref)
-                results[i] = {"score": 0.0, "components": {}, "failures": ["timeout"]}
-    return results  # type: ignore[return-value]
+                outcome[job] = RewardResult(0.0, {}, "timeout")
+    results = []
+    for i in range(len(samples)):
+        total, components, failures = 0.0, {}, []
+        for j, fn in enumerate(fns):
+            res = outcome.get((i, j))
+            if res is None:
+                continue
+            components[fn.name] = res.score
+            total += fn.weight * res.score
+            if res.failure:
+                failures.append(res.failure)
+        results.append({"score": total, "components": components, "failures": failures})
+    return results
 
 
 def reward_metrics(results: list[dict], data_sources: list[str], prefix: str = "reward") -> dict[str, float]:

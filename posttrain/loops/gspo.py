@@ -97,9 +97,15 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
     # Fixed canary sequence: a prompt plus a stretch of ordinary tokens.
     canary_ids = (eval_ids or train_ids)[0] + tokenizer("Answer: 12345", add_special_tokens=False)["input_ids"]
 
+    timings = {"load_data_s": time.time() - t_start}
+    t = time.time()
     start_ray(recipe)
+    timings["ray_init_s"] = time.time() - t
+    t = time.time()
     trainer = TrainerGroup(recipe)
     rollout = RolloutGroup(recipe)
+    timings["actors_s"] = time.time() - t
+    t = time.time()
     start_step = 0
     if resume_from:
         state = ckpt.load_driver_state(resume_from)
@@ -112,6 +118,7 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
     elif eval_rows:
         record = {"step": 0, **evaluate(recipe, rollout, reward_fns, eval_rows, eval_ids)}
         metrics_log.write(record)
+    timings["first_eval_or_restore_s"] = time.time() - t
     startup_s = time.time() - t_start
 
     bar = tqdm(range(start_step + 1, recipe.total_steps + 1), desc=recipe.name, unit="step", disable=not progress,
@@ -196,7 +203,7 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
     plot_rewards(metrics_log.path, os.path.join(run_dir, "reward_curve.png"), title=recipe.name)
     evals = [(rec["step"], rec["eval/reward/mean"]) for rec in records if "eval/reward/mean" in rec]
     return {"eval_before": evals[0][1] if evals else None, "eval_after": evals[-1][1] if evals else None,
-            "steps": recipe.total_steps, "startup_s": startup_s, "wall_s": time.time() - t_start,
+            "steps": recipe.total_steps, "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start,
             "final_dir": final_dir}
 
 

@@ -7,6 +7,7 @@ verl-compatible: `prompt` (chat messages), `data_source`, `reward_model.ground_t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from typing import Callable
@@ -78,8 +79,16 @@ DOMAINS: dict[str, ToyDomain] = {
 }
 
 
+def is_held_out(question: str) -> bool:
+    """About 1 question in 8 belongs to the held-out split, decided by a stable hash of its text, so that
+    training (supervised warm-up and RL) never sees a held-out question."""
+    return int(hashlib.sha256(question.encode()).hexdigest(), 16) % 8 == 0
+
+
 def make_rows(domains: list[str], n: int, seed: int, split: str) -> list[dict]:
-    """n verl-compatible rows, domains interleaved round-robin, reproducible from `seed`."""
+    """n verl-compatible rows, domains interleaved round-robin, reproducible from `seed`.
+
+    split "eval" draws only held-out questions; every other split draws only the rest."""
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         raise ValueError(f"unknown toy domain(s) {unknown}; known: {sorted(DOMAINS)}")
@@ -88,6 +97,8 @@ def make_rows(domains: list[str], n: int, seed: int, split: str) -> list[dict]:
     for i in range(n):
         domain = DOMAINS[domains[i % len(domains)]]
         ex = domain.make(rng)
+        while is_held_out(ex.question) != (split == "eval"):
+            ex = domain.make(rng)
         rows.append({
             "prompt": [{"role": "user", "content": ex.question}],
             "data_source": f"toy/{domain.name}",
