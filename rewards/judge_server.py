@@ -134,6 +134,10 @@ class VllmServer:
         """Launch and wait for readiness; returns base_url. A port taken between choosing and binding is retried."""
         if self.is_running():
             return self.base_url
+        if not os.path.isfile(os.path.join(self.model_path, "config.json")):
+            # Caught here in milliseconds rather than by vllm after ~30 s of imports.
+            raise JudgeServerError(f"judge model path {self.model_path} has no config.json; give a Hugging Face "
+                                   "model folder (config, tokenizer, weights) that vLLM can load")
         last_error = None
         for _ in range(3 if self.requested_port is None else 1):
             port = self.requested_port or free_port(self.host if self.host not in ("0.0.0.0", "::") else "")

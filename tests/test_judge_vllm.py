@@ -174,8 +174,8 @@ def test_timeouts_and_rate_limits_with_a_real_server(kw):
 
 
 def test_a_served_judge_that_cannot_start_is_an_unavailable_judge(kw, tmp_path):
-    # serve_model_path under Ray starts a named actor; a model folder that is not a model fails its start,
-    # which becomes a counted fallback — and is remembered, so the next call does not wait again.
+    # serve_model_path under Ray starts a named actor; a folder that is not a model fails its start (the actor
+    # is killed), which becomes a counted fallback — and is remembered, so the next call does not wait again.
     kw.pop("base_url"), kw.pop("model")
     missing = str(tmp_path / "not-a-model")
     os.makedirs(missing)
