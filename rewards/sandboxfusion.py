@@ -163,7 +163,7 @@ def judge_remote(source: str, problem: Problem, limits: JudgeLimits, *, language
     if language != "python" and problem.mode == "call":
         return JudgeResult(len(problem.inputs), [], "bad_input", "function-call tests are Python-only")
     compile_timeout = CPP_COMPILE_TIME_S if language == "cpp" else 10.0
-    timeout = request_timeout_s or (limits.test_wall_s + compile_timeout + 10.0)
+    timeout = request_timeout_s or (limits.test_wall_s + 1.0 + compile_timeout + 10.0)
     verdicts: list[TestVerdict] = []
     for i, test_input in enumerate(problem.inputs):
         marker = None
@@ -173,7 +173,8 @@ def judge_remote(source: str, problem: Problem, limits: JudgeLimits, *, language
         else:
             code, stdin = source, test_input
         payload: dict[str, Any] = {"code": code, "language": _LANGUAGES[language], "stdin": stdin,
-                                   "run_timeout": limits.test_wall_s, "compile_timeout": compile_timeout,
+                                   # the server's clock also covers interpreter start-up: 1 s of slack
+                                   "run_timeout": limits.test_wall_s + 1.0, "compile_timeout": compile_timeout,
                                    "memory_limit_MB": limits.memory_limit_mb, "files": {}}
         try:
             answer = run_code(url, payload, max_concurrency=max_concurrency, retries=retries,
