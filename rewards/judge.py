@@ -651,8 +651,10 @@ async def _ask(rt: _JudgeRuntime, cfg: JudgeConfig, messages: list[dict]) -> _An
                 rt.stats.add("cache_errors")
         future.set_result(answer)
         return answer
-    except BaseException as err:  # cancelled (total_timeout_s): waiters get a timeout, not a hang
-        future.set_result(_Answer(failure=TIMEOUT, error=f"request cancelled: {type(err).__name__}"))
+    except BaseException as err:  # cancelled (total_timeout_s) or a bug: waiters get an answer, not a hang
+        cancelled = isinstance(err, asyncio.CancelledError)
+        future.set_result(_Answer(failure=TIMEOUT if cancelled else f"exception:{type(err).__name__}",
+                                  error=f"request {'cancelled' if cancelled else 'failed'}: {type(err).__name__}"))
         raise
     finally:
         rt.inflight.pop(key, None)
