@@ -35,6 +35,10 @@ from typing import Any, Callable
 
 # Modules the zygote imports once, so that each new worker starts warm (~10 ms, not ~1 s).
 DEFAULT_PRELOAD = ("sympy", "math_verify", "rewards.matheq")
+# Run once in the zygote after the imports: a worker forked afterwards inherits warm parser
+# caches (Math-Verify's first parse costs ~0.3 s, which would count against each new worker's
+# time limit after every kill).
+DEFAULT_WARMUP = "rewards.matheq:warm_up"
 DEFAULT_MEMORY_LIMIT_MB = 3072
 WORKERS_ENV = "POSTTRAIN_VERIFY_WORKERS"
 
@@ -125,12 +129,12 @@ class _Zygote:
     started with `python -c`, so no user code ever runs in it.
     """
 
-    def __init__(self, preload: tuple[str, ...], memory_limit_mb: int | None):
+    def __init__(self, preload: tuple[str, ...], memory_limit_mb: int | None, warmup: str | None):
         parent_end, child_end = socket.socketpair()
         bootstrap = ("import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
                      "from rewards._pool import _zygote_main; _zygote_main()")
         config = json.dumps({"fd": child_end.fileno(), "preload": list(preload),
-                             "memory_limit_mb": memory_limit_mb})
+                             "memory_limit_mb": memory_limit_mb, "warmup": warmup})
         # stdout goes nowhere: `posttrain score -o -` may be writing results there.
         self.process = subprocess.Popen(
             [sys.executable, "-c", bootstrap, json.dumps([p for p in sys.path if p]), config],
@@ -209,6 +213,11 @@ def _zygote_main() -> None:
             importlib.import_module(module)
         except Exception:  # noqa: BLE001 - a missing optional module only makes workers start slower
             pass
+    if config.get("warmup"):
+        try:
+            _resolve_task(config["warmup"], {})()
+        except Exception:  # noqa: BLE001 - warm-up is an optimisation only
+            pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed workers are reaped automatically
     control = socket.socket(fileno=config["fd"])
     while True:
@@ -238,10 +247,11 @@ class KillablePool:
     (plus any wait for a free worker, itself bounded by the other calls' timeouts)."""
 
     def __init__(self, max_workers: int | None = None, memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
-                 preload: tuple[str, ...] = DEFAULT_PRELOAD):
+                 preload: tuple[str, ...] = DEFAULT_PRELOAD, warmup: str | None = DEFAULT_WARMUP):
         self.max_workers = max_workers or default_worker_count()
         self.memory_limit_mb = memory_limit_mb
         self.preload = preload
+        self.warmup = warmup
         self._zygote: _Zygote | None = None
         self._zygote_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -284,7 +294,7 @@ class KillablePool:
                 if self._zygote is None or not self._zygote.alive():
                     if self._zygote is not None:
                         self._zygote.close()
-                    self._zygote = _Zygote(self.preload, self.memory_limit_mb)
+                    self._zygote = _Zygote(self.preload, self.memory_limit_mb, self.warmup)
                 try:
                     return self._zygote.fork_worker()
                 except (EOFError, OSError):

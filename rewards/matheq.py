@@ -427,6 +427,14 @@ def symbolic_equal(gold: str, pred: str) -> tuple[bool, str | None]:
     return equal, None
 
 
+def warm_up() -> None:
+    """Exercise the parser and verifier once (run in the pool's zygote before it forks workers)."""
+    for gold, pred in [(r"\frac{1}{2}", "0.5"), (r"[1, 2)", r"(1,2]"), (r"\{1,2\}", r"x^2+\sqrt{3}\pi"),
+                       (r"\begin{pmatrix}1&2\end{pmatrix}", r"x>1"), (r"x=3", r"10\%")]:
+        symbolic_equal(gold, pred)
+    _parse_gold_cached.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # The reward
 # ---------------------------------------------------------------------------------------------
