@@ -1,7 +1,8 @@
 """Synthetic tasks with verifiable answers, so that the project can make its own data and tiny models.
 
 Each domain is a generator `rng -> ToyExample` plus the reward that checks it. Domains span the reward kinds
-(math expressions, spans, boxes, programs, tool calls) so that MOPD can train one teacher per domain. Rows are
+(exact integers, math expressions checked by the `math` verifier, temporal spans (`tiou`),
+boxes (`iou`), programs run by the `code` judge, tool calls, quoted-string readouts) so that MOPD can train one teacher per domain. Rows are
 verl-compatible: `prompt` (chat messages), `data_source`, `reward_model.ground_truth`, `extra_info`.
 """
 from __future__ import annotations
@@ -68,6 +69,53 @@ def _box(rng: random.Random) -> ToyExample:
                       f"Answer: [{x}, {y}, {x + w}, {y + h}]", [x, y, x + w, y + h])
 
 
+def _frac(rng: random.Random) -> ToyExample:
+    # Math-verifier domain: the reduced fraction is checked by symbolic equivalence (the `math` reward).
+    b = rng.randint(2, 9)
+    a = rng.randint(1, b - 1)
+    m = rng.randint(2, 5)
+    from math import gcd
+    g = gcd(a, b)
+    return ToyExample(f"Simplify {a * m}/{b * m}.", f"Answer: {a // g}/{b // g}", f"{a // g}/{b // g}")
+
+
+def _solve(rng: random.Random) -> ToyExample:
+    a, x = rng.randint(2, 9), rng.randint(1, 12)
+    return ToyExample(f"Solve {a}x={a * x}.", f"Answer: {x}", str(x))
+
+
+def _think(rng: random.Random) -> ToyExample:
+    # Reasoning span then a tagged answer: exercises the think/answer token categories of MOPD.
+    a = rng.randint(10, 49)
+    return ToyExample(f"Double {a}, thinking first.", f"<think>{a}+{a}</think><answer>{2 * a}</answer>", str(2 * a))
+
+
+_TOOLS = {"weather": "What is the weather in {}?", "time": "What time is it in {}?", "news": "Any news from {}?"}
+_CITIES = ["Oslo", "Paris", "Lima", "Rome", "Cairo", "Tokyo", "Quito", "Delhi", "Seoul", "Accra"]
+
+
+def _tool(rng: random.Random) -> ToyExample:
+    name, city = rng.choice(sorted(_TOOLS)), rng.choice(_CITIES)
+    call = json.dumps({"name": name, "arguments": {"city": city}})
+    return ToyExample(_TOOLS[name].format(city), f"<tool_call>{call}</tool_call>",
+                      json.dumps({"name": name, "arguments": {"city": city}}))
+
+
+def _ocr(rng: random.Random) -> ToyExample:
+    # Perception-style readout: copy a quoted string exactly.
+    text = "".join(rng.choice("abcdefghkmnpqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+    return ToyExample(f'Read the sign: "{text}"', f'Answer: "{text}"', text)
+
+
+def _code(rng: random.Random) -> ToyExample:
+    # Program synthesis judged by running the program (the `code` reward, sandboxed).
+    op, k = rng.choice(["+", "-", "*"]), rng.randint(2, 9)
+    inputs = [[1], [4], [7]]
+    outputs = [eval(f"{x[0]}{op}{k}") for x in inputs]  # noqa: S307 — our own generated arithmetic
+    return ToyExample(f"Write f(x) returning x{op}{k}.", f"```python\ndef f(x): return x{op}{k}\n```",
+                      json.dumps({"fn_name": "f", "inputs": inputs, "outputs": outputs}))
+
+
 DOMAINS: dict[str, ToyDomain] = {
     "add": ToyDomain("add", _add, "posttrain.toy.rewards:exact_answer"),
     "sub": ToyDomain("sub", _sub, "posttrain.toy.rewards:exact_answer"),
@@ -76,6 +124,12 @@ DOMAINS: dict[str, ToyDomain] = {
     "count": ToyDomain("count", _count, "posttrain.toy.rewards:exact_answer"),
     "tspan": ToyDomain("tspan", _tspan, "tiou"),
     "box": ToyDomain("box", _box, "iou"),
+    "frac": ToyDomain("frac", _frac, "math"),
+    "solve": ToyDomain("solve", _solve, "math"),
+    "think": ToyDomain("think", _think, "math"),
+    "tool": ToyDomain("tool", _tool, "posttrain.toy.rewards:tool_call_match"),
+    "ocr": ToyDomain("ocr", _ocr, "posttrain.toy.rewards:exact_string"),
+    "code": ToyDomain("code", _code, "code"),
 }
 
 
