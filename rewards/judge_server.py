@@ -263,14 +263,17 @@ class JudgeServerActor:
 
 
 def launch_judge_actor(model_path: str, *, num_cpus: float = 1, num_gpus: float = 0, name: str | None = None,
-                       namespace: str | None = None, get_if_exists: bool = False,
+                       namespace: str | None = None, get_if_exists: bool = False, detached: bool = False,
                        start_timeout_s: float = 900.0, **server_kwargs: Any) -> tuple[Any, str, str]:
     """Start (or, with name + get_if_exists, reuse) a Ray actor serving `model_path` with `vllm serve`.
     Returns (actor handle, base_url, model name). The server binds loopback by default; pass host="0.0.0.0"
-    when reward workers on other nodes must reach it (base_url then carries the actor's node IP)."""
+    when reward workers on other nodes must reach it (base_url then carries the actor's node IP).
+    detached=True: the actor outlives the process that created it (until killed or the cluster stops)."""
     import ray
     actor_cls = ray.remote(JudgeServerActor)
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if detached:
+        options["lifetime"] = "detached"
     if name is not None:
         options.update(name=name, get_if_exists=get_if_exists)
         if namespace is not None:
@@ -286,6 +289,8 @@ def launch_judge_actor(model_path: str, *, num_cpus: float = 1, num_gpus: float 
 
 
 # One served judge per (model path, args) in this process (or one named actor per cluster under Ray).
+SERVED_ACTOR_PREFIX = "posttrain-judge-"
+SERVED_NAMESPACE = "posttrain-judges"  # fixed, so every worker (and job) on the cluster finds the same judge
 _SERVED: dict[tuple, tuple[str, str] | JudgeServerError] = {}
 _LOCAL_SERVERS: list[VllmServer] = []
 _SERVED_LOCK = threading.Lock()
@@ -309,8 +314,11 @@ def ensure_judge_server(model_path: str, extra_args: Sequence[str] = ()) -> tupl
             except ImportError:
                 ray_running = False
             if ray_running:
-                name = "posttrain-judge-" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-                _, base_url, model_name = launch_judge_actor(key[0], name=name, get_if_exists=True,
+                # Detached: the first caller is usually a reward task whose worker may be killed (reward
+                # timeout); a judge owned by it would die with it and be restarted again and again.
+                name = SERVED_ACTOR_PREFIX + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+                _, base_url, model_name = launch_judge_actor(key[0], name=name, namespace=SERVED_NAMESPACE,
+                                                             get_if_exists=True, detached=True,
                                                              extra_args=list(extra_args))
                 result = (base_url, model_name)
             else:
@@ -324,3 +332,29 @@ def ensure_judge_server(model_path: str, extra_args: Sequence[str] = ()) -> tupl
             raise failure from err
         _SERVED[key] = result
         return result
+
+
+def shutdown_served_judges() -> int:
+    """Stop every judge `ensure_judge_server` started: this process's servers and, under Ray, the cluster's
+    named judge actors (a run's driver calls this at the end; they are detached). Returns how many."""
+    stopped = 0
+    with _SERVED_LOCK:
+        while _LOCAL_SERVERS:
+            _LOCAL_SERVERS.pop().shutdown()
+            stopped += 1
+        _SERVED.clear()
+    try:
+        import ray
+        if not ray.is_initialized():
+            return stopped
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["name"].startswith(SERVED_ACTOR_PREFIX):
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                try:
+                    ray.get(actor.shutdown.remote(), timeout=60)
+                finally:
+                    ray.kill(actor)
+                stopped += 1
+    except ImportError:
+        pass
+    return stopped

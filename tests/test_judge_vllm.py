@@ -68,19 +68,19 @@ def tiny_judge_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served_judge(tiny_judge_path):
-    """(actor, base_url, model name): `vllm serve` in the toolkit's Ray actor on a free loopback port."""
+    """(actor, base_url, model name): `vllm serve` in the toolkit's Ray actor on a free loopback port, started
+    the way the `serve_model_path` kwarg starts it (one detached named actor per model for the cluster)."""
     import ray
 
-    from rewards.judge_server import launch_judge_actor
+    from rewards.judge_server import SERVED_ACTOR_PREFIX, ensure_judge_server, shutdown_served_judges
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    actor = None
     try:
-        actor, base_url, model = launch_judge_actor(tiny_judge_path, num_cpus=1,
-                                                    extra_args=["--max-model-len", "4096"], startup_timeout_s=400)
-        yield actor, base_url, model
+        base_url, model = ensure_judge_server(tiny_judge_path)
+        (entry,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(SERVED_ACTOR_PREFIX)]
+        yield ray.get_actor(entry["name"], namespace=entry["namespace"]), base_url, model
     finally:
-        if actor is not None:
-            ray.get(actor.shutdown.remote(), timeout=60)
+        shutdown_served_judges()
         ray.shutdown()
 
 
@@ -93,9 +93,12 @@ def kw(served_judge, tmp_path):
     judge.close_judge_runtime()
 
 
-def test_served_judge_answers_and_noise_is_a_counted_fallback_never_an_exception(kw):
+def test_served_judge_answers_and_noise_is_a_counted_fallback_never_an_exception(kw, tiny_judge_path):
+    # serve_model_path instead of base_url: the reward finds the toolkit's served judge (already started by
+    # the fixture, so this reuses it) and talks to it over HTTP like to any endpoint.
+    kw.pop("base_url"), kw.pop("model")
     out = judge.compute_score("captions", "a cat on a mat", "a cat sits on a mat", {"question": "Describe it."},
-                              **kw)
+                              serve_model_path=tiny_judge_path, **kw)
     stats = judge.judge_stats()
     assert stats["requests"] == 1 and stats["http_attempts"] == 1 and stats["completion_tokens"] >= 1
     # A random model almost never writes a valid [[N]]; whatever it wrote, the score is either a parsed
@@ -184,6 +187,11 @@ def test_a_served_judge_that_cannot_start_is_an_unavailable_judge(kw, tmp_path):
     started = time.monotonic()
     again = judge.compute_score("d", "y", "r", None, serve_model_path=missing, **kw)
     assert again["failure"] == judge.JUDGE_UNAVAILABLE and time.monotonic() - started < 1.0
+    import ray
+    from rewards.judge_server import SERVED_ACTOR_PREFIX
+    # The failed actor was killed (it holds no CPU and no name): only the module's working judge is left.
+    assert len([a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(SERVED_ACTOR_PREFIX)]) == 1
 
 
 def test_shutdown_stops_the_server_and_the_judge_then_falls_back(served_judge, kw):
