@@ -551,7 +551,8 @@ async def _resolve_model(rt: _JudgeRuntime, cfg: JudgeConfig, headers: dict) -> 
     return rt.models[cfg.base_url]
 
 
-async def _post_once(rt: _JudgeRuntime, cfg: JudgeConfig, body: dict, headers: dict) -> tuple[_Answer, float | None, bool]:
+async def _post_once(rt: _JudgeRuntime, cfg: JudgeConfig, body: dict,
+                     headers: dict) -> tuple[_Answer, float | None, bool]:
     """One HTTP attempt → (answer, retry_after, retryable)."""
     rt.stats.add("http_attempts")
     try:
@@ -620,7 +621,8 @@ async def _ask(rt: _JudgeRuntime, cfg: JudgeConfig, messages: list[dict]) -> _An
     except asyncio.TimeoutError:
         return _Answer(failure=TIMEOUT, error=f"GET {cfg.base_url}/models: no answer within {cfg.timeout_s}s")
     except Exception as err:  # noqa: BLE001 - any failure to learn the model name is an unavailable judge
-        return _Answer(failure=JUDGE_UNAVAILABLE, error=f"GET {cfg.base_url}/models: {type(err).__name__}: {err}"[:300])
+        return _Answer(failure=JUDGE_UNAVAILABLE,
+                       error=f"GET {cfg.base_url}/models: {type(err).__name__}: {err}"[:300])
     body = {"model": model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
     body.update(json.loads(cfg.extra_body))
     key = _cache_key(model, body)
