@@ -255,8 +255,10 @@ def main(args: argparse.Namespace) -> int:
         for chunk in _chunks(args.input, []):
             records = [(n, item) for n, item in chunk if isinstance(item, dict)]
             window.append((chunk, records, scorer.submit(records) if records else None))
-            # Enough chunks in flight to keep every worker busy, few enough to bound memory.
-            while len(window) > 4 * workers:
+            # Enough chunks in flight that the other workers keep going while one waits out a
+            # slow answer's time limit (output order makes the writer wait for it), few enough
+            # to bound memory (16 chunks of 32 lines per worker).
+            while len(window) > 16 * workers:
                 _write_chunk(window.popleft(), scorer, out, summary, progress)
         while window:
             _write_chunk(window.popleft(), scorer, out, summary, progress)
