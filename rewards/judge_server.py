@@ -92,6 +92,8 @@ class VllmServer:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self._log_file = None
+        self._owns_log = False  # a temporary log we made: removed after a clean run, kept after a failed start
+        self._started_ok = False
 
     # -- addresses
 
@@ -157,6 +159,7 @@ class VllmServer:
         if self.log_path is None:
             handle, self.log_path = tempfile.mkstemp(prefix="posttrain-judge-vllm-", suffix=".log")
             os.close(handle)
+            self._owns_log = True
         self._log_file = open(self.log_path, "ab")
         in_main_thread = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
@@ -171,6 +174,7 @@ class VllmServer:
         except BaseException:
             self.shutdown()
             raise
+        self._started_ok = True
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -222,6 +226,12 @@ class VllmServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._owns_log and self._started_ok and self.log_path:
+            try:
+                os.remove(self.log_path)
+            except OSError:
+                pass
+            self.log_path, self._owns_log = None, False
         try:
             atexit.unregister(self.shutdown)
         except Exception:  # noqa: BLE001
