@@ -179,11 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-data", action="store_true", help="also read and check every dataset row")
     p.set_defaults(func=cmd_validate)
 
-    try:
-        from posttrain import score as score_mod
-        score_mod.add_parser(sub)
-    except ImportError:
-        pass
+    from posttrain import score as score_mod
+    score_mod.add_parser(sub)
 
     p = sub.add_parser("toy", help="make the project's own toy data and tiny models")
     toy = p.add_subparsers(dest="toy_cmd", required=True)

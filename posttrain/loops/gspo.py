@@ -50,7 +50,8 @@ def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, rows, prompt_ids
     evaluations differ only through the weights)."""
     r = recipe.rollout
     seeds = [sampling_seed(recipe.seed, 0, i, stream=1) for i in range(len(rows))]
-    groups = rollout.generate(prompt_ids, seeds, n=r.eval_n, temperature=max(r.eval_temperature, 1e-5),
+    # vLLM clamps temperatures below 0.01; 0 means greedy there.
+    groups = rollout.generate(prompt_ids, seeds, n=r.eval_n, temperature=r.eval_temperature,
                               top_p=1.0, max_tokens=r.max_tokens)
     samples, sources = [], []
     for row, group in zip(rows, groups):
@@ -177,6 +178,7 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
                   "time/step_s": step_s, "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
                   "time/update_s": t3 - t2, "time/sync_s": t4 - t3, "time/engine_load_s": sync_s,
                   "throughput/tokens_per_s": n_tokens / step_s, "throughput/rollout_tokens_per_s": n_tokens / (t1 - t0),
+                  "throughput/trainer_tokens_per_s": n_tokens * g.epochs / (t3 - t2),
                   "rollout/response_len_mean": n_tokens / len(responses),
                   "rollout/truncated_frac": sum(s["finish_reason"] == "length" for gr in groups for s in gr) / len(responses),
                   "rollout/equal_reward_group_frac": _equal_group_frac(rewards, gids),
