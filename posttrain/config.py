@@ -136,6 +136,8 @@ class MOPDConfig(_Strict):
                                   "swapping weights in memory (fewer engines than teachers is normal).")
     engine_cpus: float = Field(1.0, ge=0)
     engine_gpus: float = Field(0.0, ge=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments of "
+                                          "the teacher engines (e.g. max_model_len).")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per rollout batch.")
     clip_eps: Optional[float] = Field(None, gt=0, description="Per-candidate PPO clip of the ratio (None: off).")
     gate_low: Optional[float] = Field(None, gt=0, description="Train/inference gate lower bound on π_old/μ "
