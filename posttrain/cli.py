@@ -56,23 +56,39 @@ def _check_data(recipe) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _decide_resume(recipe, run_dir: str) -> str | None:
-    """Same recipe in RUN_DIR → resume from its latest checkpoint; a different recipe → refuse, naming keys."""
+# Keys that may differ from the checkpoint's recipe when the user says so (--allow-change KEY): they change how
+# much or where the run goes, never what one step computes.
+SAFE_TO_CHANGE = ("total_steps", "checkpoint.", "data.eval_every", "data.eval_max_prompts", "log_every", "ray.",
+                  "rollout.num_workers", "rollout.cpus_per_worker", "rollout.gpus_per_worker", "rollout.kv_cache_gib",
+                  "rollout.gpu_memory_utilization", "trainer.num_workers", "trainer.cpus_per_worker",
+                  "trainer.gpus_per_worker", "trainer.micro_batch_size", "rewards.timeout_s",
+                  "rewards.max_concurrency", "mopd.resident_engines", "mopd.engine_cpus", "mopd.engine_gpus")
+
+
+def _is_safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE)
+
+
+def _decide_resume(recipe, run_dir: str, allowed: list[str]) -> str | None:
+    """Same recipe in RUN_DIR → resume from its latest complete checkpoint. A changed recipe is refused, naming
+    the changed keys, unless every changed key is safe and allowed with --allow-change."""
     from posttrain import checkpoint as ckpt
     from posttrain.config import RecipeError, recipe_to_dict
-    import yaml
 
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
         return None
-    with open(cfg_path) as f:
-        previous = yaml.safe_load(f) or {}
-    current = recipe_to_dict(recipe)
-    changed = sorted(_diff_keys(previous, current))
-    if changed:
-        raise RecipeError(f"{run_dir} holds a run of a different recipe (changed: {', '.join(changed)}). "
-                          "Use another --run-dir for a new run, or restore the recipe to resume this one.")
-    return ckpt.latest_checkpoint(run_dir)
+    previous = ckpt.load_driver_state(latest).get("recipe", {})
+    changed = sorted(_diff_keys(previous, recipe_to_dict(recipe)))
+    refused = [k for k in changed if not (_is_safe(k) and any(k == a or k.startswith(a + ".") for a in allowed))]
+    if refused:
+        unsafe = [k for k in refused if not _is_safe(k)]
+        hint = (f"keys that change what a step computes cannot change mid-run ({', '.join(unsafe)}): use another "
+                "--run-dir for a new run, or restore them to resume" if unsafe else
+                "if the change is intended, repeat the command with " +
+                " ".join(f"--allow-change {k}" for k in refused))
+        raise RecipeError(f"{run_dir} holds a run of a different recipe (changed: {', '.join(refused)}); {hint}")
+    return latest
 
 
 def _diff_keys(a, b, prefix: str = "") -> list[str]:
@@ -93,10 +109,27 @@ def cmd_run(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         _check_rewards_resolve(recipe)
         run_dir = args.run_dir or os.path.join("runs", recipe.name)
-        resume_from = _decide_resume(recipe, run_dir)
+        resume_from = _decide_resume(recipe, run_dir, args.allow_change)
     except (RecipeError, RewardSpecError, RuntimeError) as err:
         _print_err(str(err))
         return 2
+    os.makedirs(run_dir, exist_ok=True)
+    from posttrain.runlock import RunLock, RunLockedError
+    try:
+        lock = RunLock(run_dir)
+    except RunLockedError as err:
+        _print_err(str(err))
+        return 2
+    with lock:
+        return _run_locked(args, recipe, run_dir, resume_from)
+
+
+def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:
+    from posttrain.config import RecipeError, dump_recipe_yaml
+    from posttrain.data import DatasetError
+    from posttrain.loops.gspo import RunInterrupted, StaleWeightsError
+    from rewards.base import RewardSpecError
+
     if resume_from:
         from posttrain import checkpoint as ckpt
         done = ckpt.load_driver_state(resume_from)["step"]
@@ -105,7 +138,6 @@ def cmd_run(args) -> int:
                   f"Final model: {os.path.join(run_dir, 'final')}")
             return 0
         print(f"resuming {run_dir} from {resume_from} (step {done})")
-    os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(dump_recipe_yaml(recipe))
 
@@ -124,6 +156,9 @@ def cmd_run(args) -> int:
     except (DatasetError, RecipeError, RewardSpecError) as err:
         _print_err(str(err))
         return 2
+    except (RunInterrupted, StaleWeightsError) as err:
+        _print_err(str(err))
+        return 3
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -140,6 +175,30 @@ def _print_summary(recipe, run_dir: str, summary: dict) -> None:
     print(f"metrics: {run_dir}/metrics.jsonl  curve: {run_dir}/reward_curve.png  model: {summary['final_dir']}")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+
+
+def cmd_status(args) -> int:
+    from posttrain.runlock import run_status
+    try:
+        status = run_status(args.run_dir)
+    except FileNotFoundError as err:
+        _print_err(str(err))
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"run dir:     {status['run_dir']}  ({status['name']}, {status['algorithm']})")
+    print(f"state:       {status['state']}" + (f" (pid {status['pid']} on {status['host']})" if status["alive"] else ""))
+    print(f"step:        {status['step']} / {status['total_steps']}")
+    print(f"checkpoint:  {status['latest_checkpoint'] or 'none yet'}")
+    last = status["last_metrics"]
+    if last:
+        keys = [k for k in ("reward/mean", "eval/reward/mean", "time/step_s", "throughput/tokens_per_s",
+                            "mopd/reverse_kl") if k in last]
+        print("last step:   " + ", ".join(f"{k} {last[k]:.4g}" for k in keys))
+    if status["last_eval"]:
+        print(f"last eval:   step {status['last_eval'][0]}: eval/reward/mean {status['last_eval'][1]:.4f}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="resume although this (safe) recipe key differs from the checkpoint's, e.g. total_steps")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="a run's step, latest checkpoint, liveness and last metrics")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("validate", help="check a recipe without starting anything heavy")
     p.add_argument("recipe")

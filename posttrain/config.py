@@ -117,6 +117,10 @@ class RayConfig(_Strict):
                                    "None starts an embedded local cluster.")
     num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs of the embedded cluster "
                                     "(None: enough for the recipe's actors).")
+    max_restarts: int = Field(3, ge=0, description="Automatic restarts from the latest checkpoint after an actor "
+                              "or node is lost; beyond that the run exits with its checkpoint intact.")
+    actor_start_timeout_s: float = Field(600.0, gt=0, description="How long actors may take to be placed and "
+                                         "started before the run gives up with a clear message.")
 
 
 class TeacherConfig(_Strict):

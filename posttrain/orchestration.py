@@ -41,6 +41,28 @@ def _split(items: list, parts: int) -> list[list]:
     return out
 
 
+class ActorStartError(RuntimeError):
+    """Actors could not be placed or started within ray.actor_start_timeout_s (e.g. too few resources left)."""
+
+
+def _await_start(refs: list, what: str, recipe: Recipe) -> list:
+    try:
+        return ray.get(refs, timeout=recipe.ray.actor_start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorStartError(
+            f"{what} did not start within ray.actor_start_timeout_s = {recipe.ray.actor_start_timeout_s:g} s; the "
+            f"cluster probably lacks the resources the recipe asks for (ray status shows what is free). Lower "
+            f"the workers or their cpus/gpus, or add nodes, then re-run the same command to resume.") from None
+
+
+def kill_actors(actors: list) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 — already dead
+            pass
+
+
 class RolloutGroup:
     def __init__(self, recipe: Recipe, model_path: str | None = None):
         from posttrain.rollout.engine import RolloutWorker
@@ -52,7 +74,10 @@ class RolloutGroup:
                 kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
                 engine_kwargs=r.engine_kwargs)
             for i in range(r.num_workers)]
-        ray.get([w.ping.remote() for w in self.workers])
+        _await_start([w.ping.remote() for w in self.workers], f"{r.num_workers} rollout worker(s)", recipe)
+
+    def shutdown(self) -> None:
+        kill_actors(self.workers)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], *, n: int, temperature: float, top_p: float,
                  max_tokens: int) -> list[list[dict]]:
@@ -70,16 +95,21 @@ class RolloutGroup:
 
 
 class TrainerGroup:
-    def __init__(self, recipe: Recipe):
-        from posttrain.trainer.worker import TrainerWorker, free_port
+    def __init__(self, recipe: Recipe, worker_cls=None):
+        from posttrain.trainer.worker import TrainerWorker
 
+        worker_cls = worker_cls or TrainerWorker
         t = recipe.trainer
         cfg = recipe_to_dict(recipe)
-        port = free_port()
-        addr = "127.0.0.1" if not recipe.ray.address else ray.util.get_node_ip_address()
-        self.ranks = [TrainerWorker.options(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker).remote(
-            rank, t.num_workers, addr, port, cfg) for rank in range(t.num_workers)]
+        self.ranks = [worker_cls.options(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker).remote(
+            rank, t.num_workers, cfg) for rank in range(t.num_workers)]
         self.rank0 = self.ranks[0]
+        # The rendezvous lives on rank 0's node, wherever Ray placed it.
+        (addr, port), = _await_start([self.rank0.node_address.remote()], "trainer rank 0", recipe)
+        _await_start([r.setup.remote(addr, port) for r in self.ranks], f"{t.num_workers} trainer rank(s)", recipe)
+
+    def shutdown(self) -> None:
+        kill_actors(self.ranks)
 
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         chunks = _split(list(range(len(prompts))), len(self.ranks))

@@ -17,7 +17,7 @@ import torch
 
 from posttrain import checkpoint as ckpt
 from posttrain.algorithms.gspo import group_advantages
-from posttrain.config import Recipe, recipe_hash
+from posttrain.config import Recipe, recipe_hash, recipe_to_dict
 from posttrain.data import DataCursor, encode_prompt, load_prompt_rows
 from posttrain.metrics import MetricsLog, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
@@ -81,6 +81,10 @@ def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, c
 
 
 def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progress: bool = True) -> dict:
+    return run_with_restarts(_gspo_attempt, recipe, run_dir, resume_from, progress)
+
+
+def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progress: bool, actors: list) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -104,7 +108,9 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
     timings["ray_init_s"] = time.time() - t
     t = time.time()
     trainer = TrainerGroup(recipe)
+    actors.append(trainer)
     rollout = RolloutGroup(recipe)
+    actors.append(rollout)
     timings["actors_s"] = time.time() - t
     t = time.time()
     start_step = 0
@@ -113,10 +119,12 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
         trainer.call_all("load_state", resume_from)
         cursor.load_state_dict(state["cursor"])
         start_step = state["step"]
-        metrics_log.truncate_after(start_step)
+        metrics_log.truncate_after(start_step)  # steps after the checkpoint are recomputed, never counted twice
         rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), start_step)
         check_canary(recipe, trainer, rollout, canary_ids, start_step)
-    elif eval_rows:
+    else:
+        metrics_log.truncate_after(-1)  # a fresh start (or a restart before the first checkpoint)
+    if not resume_from and eval_rows:
         record = {"step": 0, **evaluate(recipe, rollout, reward_fns, eval_rows, eval_ids)}
         metrics_log.write(record)
     timings["first_eval_or_restore_s"] = time.time() - t
@@ -192,8 +200,7 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
         if step % recipe.checkpoint.every == 0 or step == recipe.total_steps:
             tmp = ckpt.begin(run_dir, step)
             trainer.call_all("save_state", tmp)
-            ckpt.commit(run_dir, tmp, step, {"step": step, "cursor": cursor.state_dict(),
-                                             "recipe_hash": recipe_hash(recipe)}, recipe.checkpoint.keep_last)
+            ckpt.commit(run_dir, tmp, step, driver_state(recipe, step, cursor), recipe.checkpoint.keep_last)
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", tok_s=f"{record['throughput/tokens_per_s']:.0f}",
                         **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
     bar.close()
@@ -207,6 +214,59 @@ def run_gspo(recipe: Recipe, run_dir: str, resume_from: str | None = None, progr
     return {"eval_before": evals[0][1] if evals else None, "eval_after": evals[-1][1] if evals else None,
             "steps": recipe.total_steps, "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start,
             "final_dir": final_dir}
+
+
+def driver_state(recipe: Recipe, step: int, cursor: DataCursor) -> dict:
+    """What the driver itself must persist: the step, the data cursor, and the recipe that produced them."""
+    return {"step": step, "cursor": cursor.state_dict(), "recipe_hash": recipe_hash(recipe),
+            "recipe": recipe_to_dict(recipe)}
+
+
+def run_with_restarts(attempt, recipe: Recipe, run_dir: str, resume_from: str | None, progress: bool) -> dict:
+    """Run `attempt`; when an actor or a whole node is lost, tear the actors down, and start again from the
+    latest checkpoint (at most ray.max_restarts times, each logged). Beyond that, or when the actors cannot be
+    placed again, exit with a clear message and the checkpoint intact, so that the same command resumes."""
+    from posttrain.orchestration import ActorStartError
+
+    restarts = 0
+    while True:
+        actors: list = []
+        try:
+            return attempt(recipe, run_dir, resume_from, progress, actors)
+        except LOST_WORKER_ERRORS as err:
+            latest = ckpt.latest_checkpoint(run_dir)
+            where = latest or "the beginning (no checkpoint yet)"
+            if restarts >= recipe.ray.max_restarts:
+                raise RunInterrupted(
+                    f"lost a Ray worker ({type(err).__name__}: {str(err).splitlines()[0][:200]}) and "
+                    f"ray.max_restarts = {recipe.ray.max_restarts} restarts are used up; the latest checkpoint "
+                    f"({where}) is intact: re-run the same command to resume") from None
+            restarts += 1
+            _log_event(run_dir, f"lost a Ray worker ({type(err).__name__}); restart {restarts}/"
+                                f"{recipe.ray.max_restarts} from {where}")
+            resume_from = latest
+        except ActorStartError as err:
+            raise RunInterrupted(str(err)) from None
+        finally:
+            for group in actors:
+                group.shutdown()
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped with its checkpoint intact; the message says how to continue."""
+
+
+LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                      ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                      ray.exceptions.ActorUnavailableError)
+
+
+def _log_event(run_dir: str, message: str) -> None:
+    import sys
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+    print(line, file=sys.stderr, flush=True)
+    with open(os.path.join(run_dir, "events.log"), "a") as f:
+        f.write(line + "\n")
 
 
 def _equal_group_frac(rewards: torch.Tensor, gids: torch.Tensor) -> float:

@@ -53,8 +53,18 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
 
 
 class TrainerRank:
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, recipe: dict):
-        self.rank, self.world_size = rank, world_size
+    """One rank. Construction is cheap; `setup` joins the process group and loads the model, so that the group
+    can first ask rank 0 for an address on *its* node (ranks may live on any node of the cluster)."""
+
+    def __init__(self, rank: int, world_size: int, recipe: dict):
+        self.rank, self.world_size, self.cfg = rank, world_size, recipe
+
+    def node_address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        recipe = self.cfg
+        rank, world_size = self.rank, self.world_size
         trainer_cfg = recipe["trainer"]
         torch.set_num_threads(trainer_cfg["torch_threads"])
         self.device = torch.device("cuda", torch.cuda.current_device()) if (
@@ -64,7 +74,6 @@ class TrainerRank:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        self.cfg = recipe
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(recipe["seed"])
@@ -79,6 +88,7 @@ class TrainerRank:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(opt["schedule"], opt["warmup_steps"], total_opt_steps, opt["min_lr_ratio"]))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return self.rank
 
     # -- log-probs ----------------------------------------------------------------------------------------------
     def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,15 +150,10 @@ class TrainerRank:
 
     # -- weights, checkpoints -----------------------------------------------------------------------------------
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Hugging Face names → CPU tensors, for the rollout engines (tied weights are sent once)."""
-        seen: set[int] = set()
-        out = []
-        for name, tensor in self.model.state_dict().items():
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            out.append((name, tensor.detach().to("cpu", copy=True)))
-        return out
+        """Hugging Face names → CPU tensors for the rollout engines. Tied weights are sent under *both* names:
+        vLLM's CPU backend repacks `lm_head` separately after loading, and a sync that skips it leaves the engine
+        sampling from the old head (the canary caught exactly this: 1.46 nats of drift)."""
+        return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in self.model.state_dict().items()]
 
     @torch.no_grad()
     def canary_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -212,5 +217,5 @@ class TrainerWorker(TrainerRank):
 def free_port() -> int:
     import socket
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
