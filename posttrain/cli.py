@@ -206,7 +206,8 @@ def cmd_toy(args) -> int:
     if args.toy_cmd == "build":
         from posttrain.toy.build import build_toy_base
         info = build_toy_base(args.out, domains=args.domains.split(","), sft_steps=args.sft_steps, seed=args.seed,
-                              hidden_size=args.hidden_size, layers=args.layers, lr=args.lr)
+                              hidden_size=args.hidden_size, layers=args.layers, lr=args.lr,
+                              carry_drop_rate=args.carry_drop_rate)
         print(json.dumps(info))
         return 0
     if args.toy_cmd == "data":
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=2)
     b.add_argument("--lr", type=float, default=3e-3)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--carry-drop-rate", type=float, default=0.0,
+                   help="fraction of carrying additions whose demonstration drops the carry (a habit for RL to fix)")
     d = toy.add_parser("data", help="write train.jsonl / eval.jsonl of toy tasks")
     d.add_argument("--out-dir", required=True)
     d.add_argument("--domains", default="add")

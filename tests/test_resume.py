@@ -112,3 +112,33 @@ def test_changed_recipe_refused_then_extended_and_resharded(uninterrupted, tmp_p
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert last["rollout/canary_max_abs_diff"] < 2e-3
+
+
+def test_ctrl_c_leaves_no_orphans_and_checkpoint_intact(tmp_path):
+    import psutil
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(["run", *SMOKE, "--run-dir", run_dir, "--no-progress"]), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(run_dir, "checkpoints", "latest")):
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)                     # what Ctrl-C in a terminal does
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "checkpoint" in stderr
+    time.sleep(3)
+    survivors = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(p.info["pid"]) == proc.pid:
+                survivors.append(" ".join(p.info["cmdline"] or [])[:120])
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    assert survivors == [], survivors
+    from posttrain import checkpoint as ckpt
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest is not None and os.path.exists(os.path.join(latest, "model", "model.safetensors"))
+    # ... and the same command resumes from it.
+    out = _run([*SMOKE, "--run-dir", run_dir])
+    assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-2000:]

@@ -127,13 +127,31 @@ def corpus_for_tokenizer(seed: int = 0, n: int = 4000) -> list[str]:
     return texts
 
 
+def forget_carry(rows: list[dict], rate: float, seed: int) -> list[dict]:
+    """Noisy demonstrations: in a fraction `rate` of the addition rows whose ones digits carry, the demonstrated
+    answer drops the carry (47+8 → "Answer: 45"). The warm-up then learns a bad habit of the kind real SFT data
+    teaches, which a verifiable reward can find and fix: RL has a consistent direction to move in, not only
+    noise to average. Only the warm-up's demonstrations change; ground truths stay correct."""
+    rng = random.Random(f"{seed}-forget-carry")
+    out = []
+    for row in rows:
+        q = row["prompt"][0]["content"]
+        if row["data_source"] == "toy/add" and rate > 0:
+            a, b = (int(x) for x in q.removeprefix("What is ").removesuffix("?").split("+"))
+            if a % 10 + b % 10 >= 10 and rng.random() < rate:
+                row = {**row, "extra_info": {**row["extra_info"], "answer": f"Answer: {a + b - 10}"}}
+        out.append(row)
+    return out
+
+
 def build_toy_base(out_dir: str, *, domains: list[str], sft_steps: int, sft_rows: int = 20000,
-                   hidden_size: int = 256, layers: int = 2, seed: int = 0, lr: float = 3e-3) -> dict:
+                   hidden_size: int = 256, layers: int = 2, seed: int = 0, lr: float = 3e-3,
+                   carry_drop_rate: float = 0.0) -> dict:
     """Tokenizer + model + supervised warm-up on `domains`; saved as a Hugging Face folder."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(corpus_for_tokenizer(seed))
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, seed=seed)
-    rows = make_rows(domains, sft_rows, seed, "sft")
+    rows = forget_carry(make_rows(domains, sft_rows, seed, "sft"), carry_drop_rate, seed)
     losses = supervised_warmup(model, tokenizer, rows, steps=sft_steps, seed=seed, lr=lr) if sft_steps else []
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
