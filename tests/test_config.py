@@ -19,10 +19,19 @@ def test_there_are_shipped_recipes():
     assert {"quickstart.yaml", "smoke.yaml"} <= names
 
 
+# Recipes whose models are built by a documented command (MOPD teachers: scripts/toy_teachers.sh) validate
+# their schema everywhere; on a fresh clone their file check must name exactly the missing models.
+BUILT_BY_COMMAND = {"mopd-quickstart.yaml", "mopd-13.yaml"}
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
 def test_every_shipped_recipe_validates_via_cli(path):
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "validate", path], cwd=REPO,
                          capture_output=True, text=True)
+    if out.returncode != 0 and os.path.basename(path) in BUILT_BY_COMMAND:
+        load_recipe(path, check_files=False)  # the schema itself is valid
+        assert "missing inputs" in out.stderr and "mopd.teachers[" in out.stderr, out.stderr
+        return
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok:")
 
@@ -86,8 +95,8 @@ def test_dotted_overrides_change_fields_and_bad_ones_are_named(tmp_path):
     assert recipe.rollout.n == 4 and recipe.trainer.optimizer.lr == 0.5
     with pytest.raises(RecipeError, match="key.path=value"):
         load_recipe(_write(tmp_path, BASE), ["rollout.n"])
-    with pytest.raises(RecipeError, match="did you mean `rollout.n`"):
-        load_recipe(_write(tmp_path, BASE), ["rollout.m=3"])
+    with pytest.raises(RecipeError, match="did you mean `rollout.max_tokens`"):
+        load_recipe(_write(tmp_path, BASE), ["rollout.max_token=3"])
 
 
 def test_unknown_reward_is_named_by_validate(tmp_path):
