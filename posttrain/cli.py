@@ -27,6 +27,9 @@ def cmd_validate(args) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         _check_rewards_resolve(recipe)
+        if recipe.mopd is not None:
+            from teachers.checks import check_teachers
+            check_teachers(recipe)
         if args.check_data:
             _check_data(recipe)
     except (RecipeError, RewardSpecError) as err:
@@ -51,8 +54,10 @@ def _check_rewards_resolve(recipe) -> None:
 
 def _check_data(recipe) -> None:
     from posttrain.data import load_prompt_rows
-    load_prompt_rows(recipe.data.train_files)
-    load_prompt_rows(recipe.data.eval_files)
+    rows = {"train": load_prompt_rows(recipe.data.train_files), "eval": load_prompt_rows(recipe.data.eval_files)}
+    if recipe.mopd is not None:
+        from teachers.routing import check_dataset_routing
+        check_dataset_routing(recipe, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def start_ray(recipe: Recipe) -> None:
         ray.init(address=recipe.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
         return
     needed = (recipe.rollout.num_workers * recipe.rollout.cpus_per_worker
-              + recipe.trainer.num_workers * recipe.trainer.cpus_per_worker + recipe.rewards.max_concurrency * 0.5)
+              + recipe.trainer.num_workers * recipe.trainer.cpus_per_worker + recipe.rewards.max_concurrency * 0.5
+              + (recipe.mopd.resident_engines * recipe.mopd.engine_cpus if recipe.mopd else 0))
     num_cpus = recipe.ray.num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env_vars}, configure_logging=False)

