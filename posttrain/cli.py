@@ -67,7 +67,7 @@ SAFE_TO_CHANGE = ("total_steps", "checkpoint.", "data.eval_every", "data.eval_ma
                   "rollout.num_workers", "rollout.cpus_per_worker", "rollout.gpus_per_worker", "rollout.kv_cache_gib",
                   "rollout.gpu_memory_utilization", "trainer.num_workers", "trainer.cpus_per_worker",
                   "trainer.gpus_per_worker", "trainer.micro_batch_size", "rewards.timeout_s",
-                  "rewards.max_concurrency", "mopd.resident_engines", "mopd.engine_cpus", "mopd.engine_gpus")
+                  "rewards.max_concurrency", "rewards.samples_per_task", "mopd.resident_engines", "mopd.engine_cpus", "mopd.engine_gpus")
 
 
 def _is_safe(key: str) -> bool:

@@ -72,6 +72,8 @@ class RewardsConfig(_Strict):
     timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit per sample; beyond it the sample scores 0 "
                              "and counts as `reward/failures/timeout`.")
     max_concurrency: int = Field(4, ge=1, description="Reward tasks in flight at once.")
+    samples_per_task: int = Field(16, ge=1, description="Samples scored per Ray task (a task that fails or runs "
+                                  "past timeout_s is retried one sample per task, so only the culprit is charged).")
 
 
 class GSPOConfig(_Strict):

@@ -51,8 +51,11 @@ def _score_one(fn: RewardFn, data_source: str, solution: str, ground_truth: Any,
     return call_reward(bound, data_source, solution, ground_truth, extra_info)
 
 
-_score_task = ray.remote(num_cpus=0.5, max_retries=0)(_score_one)
+def _score_chunk(fn: RewardFn, items: list[tuple]) -> list[RewardResult]:
+    return [_score_one(fn, *item) for item in items]
 
+
+_score_task = ray.remote(num_cpus=0.5, max_retries=0)(_score_chunk)
 
 _PREPARED: set[str] = set()
 
@@ -78,36 +81,53 @@ def release_reward_servers() -> None:
         _PREPARED.clear()
 
 
-def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, max_concurrency: int) -> list[dict]:
+def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, max_concurrency: int,
+                samples_per_task: int = 16) -> list[dict]:
     """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures}].
 
-    One Ray task per (sample, reward function), so a reward that hangs or crashes costs only its own term."""
+    Work goes out as Ray tasks of up to `samples_per_task` samples of one reward function (a task per sample
+    costs ~10 ms of overhead each on a small machine). A task that raises out of the worker or runs past
+    `timeout_s` is force-cancelled (its worker process is killed, which stops C code too) and its samples are
+    retried one per task, so only the sample that hangs or crashes is charged: it scores 0 with a counted
+    reason, and the other terms of that sample are unaffected."""
     prepare_reward_servers(fns)
-    jobs = [(i, j) for i, s in enumerate(samples) for j, fn in enumerate(fns) if fn.applies_to(s["data_source"])]
+    units: collections.deque = collections.deque()
+    for j, fn in enumerate(fns):
+        idx = [i for i, s in enumerate(samples) if fn.applies_to(s["data_source"])]
+        for start in range(0, len(idx), samples_per_task):
+            units.append((j, idx[start:start + samples_per_task]))
     outcome: dict[tuple[int, int], RewardResult] = {}
-    queue = collections.deque(jobs)
-    in_flight: dict[Any, tuple[tuple[int, int], float]] = {}
+    in_flight: dict[Any, tuple[tuple[int, list[int]], float]] = {}
     fn_refs = [ray.put(fn) for fn in fns]
-    while queue or in_flight:
-        while queue and len(in_flight) < max_concurrency:
-            i, j = queue.popleft()
-            s = samples[i]
-            ref = _score_task.remote(fn_refs[j], s["data_source"], s["solution"], s["ground_truth"], s["extra_info"])
-            in_flight[ref] = ((i, j), time.monotonic())
+
+    def fail(unit, kind: str) -> None:
+        j, idx = unit
+        if len(idx) > 1:  # isolate the culprit: retry one sample per task, first in line
+            units.extendleft((j, [i]) for i in reversed(idx))
+        else:
+            outcome[(idx[0], j)] = RewardResult(0.0, {}, kind)
+
+    while units or in_flight:
+        while units and len(in_flight) < max_concurrency:
+            unit = units.popleft()
+            j, idx = unit
+            items = [(samples[i]["data_source"], samples[i]["solution"], samples[i]["ground_truth"],
+                      samples[i]["extra_info"]) for i in idx]
+            in_flight[_score_task.remote(fn_refs[j], items)] = (unit, time.monotonic())
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.05)
         for ref in ready:
-            job, _ = in_flight.pop(ref)
+            unit, _ = in_flight.pop(ref)
             try:
-                outcome[job] = ray.get(ref)
+                for i, res in zip(unit[1], ray.get(ref)):
+                    outcome[(i, unit[0])] = res
             except Exception as err:  # noqa: BLE001 — a crashed worker (segfault, os._exit) is a failed term
-                outcome[job] = RewardResult(0.0, {}, f"crash:{type(err).__name__}")
+                fail(unit, f"crash:{type(err).__name__}")
         now = time.monotonic()
-        for ref, (job, started) in list(in_flight.items()):
+        for ref, (unit, started) in list(in_flight.items()):
             if now - started > timeout_s:
-                # Force-cancel kills the worker process: the only way to stop C code stuck in, e.g., sympy.
                 ray.cancel(ref, force=True)
                 in_flight.pop(ref)
-                outcome[job] = RewardResult(0.0, {}, "timeout")
+                fail(unit, "timeout")
     results = []
     for i in range(len(samples)):
         total, components, failures = 0.0, {}, []

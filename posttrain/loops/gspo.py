@@ -60,7 +60,8 @@ def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, rows, prompt_ids
                             "ground_truth": row["reward_model"]["ground_truth"], "extra_info": row["extra_info"]})
             sources.append(row["data_source"])
     results = score_batch(reward_fns, samples, timeout_s=recipe.rewards.timeout_s,
-                          max_concurrency=recipe.rewards.max_concurrency)
+                          max_concurrency=recipe.rewards.max_concurrency,
+                          samples_per_task=recipe.rewards.samples_per_task)
     return reward_metrics(results, sources, prefix="eval/reward")
 
 
@@ -152,7 +153,8 @@ def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
         t1 = time.perf_counter()
         # 2. rewards ------------------------------------------------------------------------------------------
         results = score_batch(reward_fns, samples, timeout_s=recipe.rewards.timeout_s,
-                              max_concurrency=recipe.rewards.max_concurrency)
+                              max_concurrency=recipe.rewards.max_concurrency,
+                          samples_per_task=recipe.rewards.samples_per_task)
         rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
         t2 = time.perf_counter()
         # 3. advantages (pure function) -----------------------------------------------------------------------

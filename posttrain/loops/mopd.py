@@ -173,7 +173,8 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
         t1 = time.perf_counter()
         # 2. rewards (logged; they enter the loss only through the optional RL mix α) -----------------------------
         results = score_batch(reward_fns, samples, timeout_s=recipe.rewards.timeout_s,
-                              max_concurrency=recipe.rewards.max_concurrency)
+                              max_concurrency=recipe.rewards.max_concurrency,
+                          samples_per_task=recipe.rewards.samples_per_task)
         rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
         t2 = time.perf_counter()
         # 3. routed teachers score the student's token ids (grouped by teacher, engines swap weights) -------------
