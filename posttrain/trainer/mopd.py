@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import ray
 import torch
-import torch.distributed as dist
 
 from posttrain.algorithms.mopd import keye_literal_loss, mopd_loss
 from posttrain.algorithms.topk import chunked_logprobs_at, chunked_token_logprobs, chunked_topk_and_token_logprobs
@@ -122,19 +121,9 @@ class MOPDTrainerRank(TrainerRank):
                 if key in metrics:
                     metrics_sum[key] = metrics_sum.get(key, 0.0) + metrics[key]
             n_micro += 1
-        if self.world_size > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.cfg["trainer"]["optimizer"]["max_grad_norm"])
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         out = {("loss/" + k.split("/", 1)[1] if k.startswith("mopd/") else "loss/" + k.replace("/", "_")):
                v / max(n_micro, 1) for k, v in metrics_sum.items()}
-        out["loss/grad_norm"] = float(grad_norm)
-        out["loss/lr"] = float(self.scheduler.get_last_lr()[0])
+        out.update(self.optimizer_step())
         return out
 
 

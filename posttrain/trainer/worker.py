@@ -134,6 +134,13 @@ class TrainerRank:
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v
             n_micro += 1
+        out = {k: v / max(n_micro, 1) for k, v in metrics_sum.items()}
+        out.update(self.optimizer_step())
+        return out
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Sum the ranks' gradients (each micro-batch loss was already scaled by its share of the global batch),
+        clip, and step the optimizer and the LR schedule."""
         if self.world_size > 1:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -143,10 +150,7 @@ class TrainerRank:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: v / max(n_micro, 1) for k, v in metrics_sum.items()}
-        out["loss/grad_norm"] = float(grad_norm)
-        out["loss/lr"] = float(self.scheduler.get_last_lr()[0])
-        return out
+        return {"loss/grad_norm": float(grad_norm), "loss/lr": float(self.scheduler.get_last_lr()[0])}
 
     # -- weights, checkpoints -----------------------------------------------------------------------------------
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
