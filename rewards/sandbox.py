@@ -200,6 +200,12 @@ class Sandbox:
                 argv += ["--symlink", os.readlink(host), host]
             elif os.path.isdir(host):
                 argv += ["--ro-bind", host, host]
+        # The private /tmp and work dir are mounted BEFORE the interpreter's prefixes: a venv that lives under
+        # /tmp (a CI checkout in /tmp, say) must be bound on top of the tmpfs, not hidden by it.
+        tmpfs_bytes = str(int(limits.tmpfs_mb) << 20)
+        argv += ["--dev", "/dev", "--proc", "/proc",
+                 "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
+                 "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", WORK_DIR]
         made = {"/usr", "/etc", "/tmp", WORK_DIR}
         for path in [*_python_prefixes(), *self.extra_ro_binds]:
             for parent in _ancestors(path):
@@ -207,10 +213,6 @@ class Sandbox:
                     argv += ["--perms", "0755", "--dir", parent]  # bwrap would make them 0700
                     made.add(parent)
             argv += ["--ro-bind", path, path]
-        tmpfs_bytes = str(int(limits.tmpfs_mb) << 20)
-        argv += ["--dev", "/dev", "--proc", "/proc",
-                 "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
-                 "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", WORK_DIR]
         for name, fd in files_fds.items():
             argv += ["--perms", "0644", "--file", str(fd), f"{WORK_DIR}/{name}"]
         argv += ["--chdir", WORK_DIR]
