@@ -106,8 +106,7 @@ def _diff_keys(a, b, prefix: str = "") -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from posttrain.config import RecipeError, dump_recipe_yaml, load_recipe
-    from posttrain.data import DatasetError
+    from posttrain.config import RecipeError, load_recipe
     from rewards.base import RewardSpecError
 
     try:

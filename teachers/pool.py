@@ -15,7 +15,6 @@ import collections
 import glob
 import os
 import time
-from typing import Any
 
 import numpy as np
 import ray

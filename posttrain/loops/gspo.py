@@ -114,17 +114,7 @@ def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
     actors.append(rollout)
     timings["actors_s"] = time.time() - t
     t = time.time()
-    start_step = 0
-    if resume_from:
-        state = ckpt.load_driver_state(resume_from)
-        trainer.call_all("load_state", resume_from)
-        cursor.load_state_dict(state["cursor"])
-        start_step = state["step"]
-        metrics_log.truncate_after(start_step)  # steps after the checkpoint are recomputed, never counted twice
-        rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), start_step)
-        check_canary(recipe, trainer, rollout, canary_ids, start_step)
-    else:
-        metrics_log.truncate_after(-1)  # a fresh start (or a restart before the first checkpoint)
+    start_step = restore_state(recipe, resume_from, trainer, rollout, cursor, metrics_log, canary_ids)
     if not resume_from and eval_rows:
         record = {"step": 0, **evaluate(recipe, rollout, reward_fns, eval_rows, eval_ids)}
         metrics_log.write(record)
@@ -200,9 +190,7 @@ def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
             record.update(evaluate(recipe, rollout, reward_fns, eval_rows, eval_ids))
         metrics_log.write(record)
         if step % recipe.checkpoint.every == 0 or step == recipe.total_steps:
-            tmp = ckpt.begin(run_dir, step)
-            trainer.call_all("save_state", tmp)
-            ckpt.commit(run_dir, tmp, step, driver_state(recipe, step, cursor), recipe.checkpoint.keep_last)
+            save_checkpoint(recipe, run_dir, step, trainer, cursor)
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", tok_s=f"{record['throughput/tokens_per_s']:.0f}",
                         **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
     bar.close()
@@ -216,6 +204,31 @@ def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
     return {"eval_before": evals[0][1] if evals else None, "eval_after": evals[-1][1] if evals else None,
             "steps": recipe.total_steps, "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start,
             "final_dir": final_dir}
+
+
+def restore_state(recipe: Recipe, resume_from: str | None, trainer: TrainerGroup, rollout: RolloutGroup,
+                  cursor: DataCursor, metrics_log: MetricsLog, canary_ids: list[int]) -> int:
+    """Continue from a checkpoint (trainer weights, optimizer, schedule, RNG; data cursor; metrics after it
+    dropped, so no step is counted twice; engines given the checkpoint's weights and checked by the canary), or
+    begin afresh. Returns the step to continue after. Shared by every loop, so resume behaves the same in each."""
+    if not resume_from:
+        metrics_log.truncate_after(-1)  # a fresh start (or a restart before the first checkpoint)
+        return 0
+    state = ckpt.load_driver_state(resume_from)
+    trainer.call_all("load_state", resume_from)
+    cursor.load_state_dict(state["cursor"])
+    start_step = state["step"]
+    metrics_log.truncate_after(start_step)
+    rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), start_step)
+    check_canary(recipe, trainer, rollout, canary_ids, start_step)
+    return start_step
+
+
+def save_checkpoint(recipe: Recipe, run_dir: str, step: int, trainer: TrainerGroup, cursor: DataCursor) -> None:
+    """Every rank writes its state into the temporary folder; the driver adds its own and commits atomically."""
+    tmp = ckpt.begin(run_dir, step)
+    trainer.call_all("save_state", tmp)
+    ckpt.commit(run_dir, tmp, step, driver_state(recipe, step, cursor), recipe.checkpoint.keep_last)
 
 
 def driver_state(recipe: Recipe, step: int, cursor: DataCursor) -> dict:

@@ -20,15 +20,14 @@ import numpy as np
 import ray
 import torch
 
-from posttrain import checkpoint as ckpt
 from posttrain.algorithms.gspo import group_advantages
 from posttrain.algorithms.mopd import mopd_loss, normalise_token_weights, overlap_advantages, train_inference_gate
 from posttrain.algorithms.token_categories import (category_weights, label_token_categories, loop_starts,
                                                    token_strings_from_ids)
 from posttrain.config import Recipe
 from posttrain.data import DataCursor, load_prompt_rows
-from posttrain.loops.gspo import (check_canary, driver_state, evaluate, prepare_prompts, run_with_restarts,
-                                  sampling_seed)
+from posttrain.loops.gspo import (check_canary, evaluate, prepare_prompts, restore_state, run_with_restarts,
+                                  sampling_seed, save_checkpoint)
 from posttrain.metrics import MetricsLog, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, start_ray
 from posttrain.reward_pool import check_rewards_load, reward_fns_from_recipe, reward_metrics, score_batch
@@ -133,17 +132,7 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
     actors.append(pool)
     timings["actors_s"] = time.time() - t
     t = time.time()
-    start_step = 0
-    if resume_from:
-        state = ckpt.load_driver_state(resume_from)
-        trainer.call_all("load_state", resume_from)
-        cursor.load_state_dict(state["cursor"])
-        start_step = state["step"]
-        metrics_log.truncate_after(start_step)  # steps after the checkpoint are recomputed, never counted twice
-        rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), start_step)
-        check_canary(recipe, trainer, rollout, canary_ids, start_step)
-    else:
-        metrics_log.truncate_after(-1)  # a fresh start (or a restart before the first checkpoint)
+    start_step = restore_state(recipe, resume_from, trainer, rollout, cursor, metrics_log, canary_ids)
     if not resume_from and eval_rows:
         metrics_log.write({"step": 0, **evaluate(recipe, rollout, reward_fns, eval_rows, eval_ids)})
     timings["first_eval_or_restore_s"] = time.time() - t
@@ -234,9 +223,7 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
             record.update(evaluate(recipe, rollout, reward_fns, eval_rows, eval_ids))
         metrics_log.write(record)
         if step % recipe.checkpoint.every == 0 or step == recipe.total_steps:
-            tmp = ckpt.begin(run_dir, step)
-            trainer.call_all("save_state", tmp)
-            ckpt.commit(run_dir, tmp, step, driver_state(recipe, step, cursor), recipe.checkpoint.keep_last)
+            save_checkpoint(recipe, run_dir, step, trainer, cursor)
         bar.set_postfix(rkl=f"{record['mopd/reverse_kl']:.3f}", reward=f"{record['reward/mean']:.3f}",
                         **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
     bar.close()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import time
-from typing import Any
 
 import numpy as np
 import ray
