@@ -33,13 +33,17 @@ class LocalCluster:
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
         self.node_ports = []
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-        # The head holds 1 CPU (the trainer); each worker node 2 CPUs, so the rollout engine lands on one of them.
-        self._ray(ray_bin, "start", "--head", f"--port={self.port}", "--num-cpus=1", f"--temp-dir={self.temp_dir}",
-                  "--include-dashboard=true", "--dashboard-port=0")
-        for _ in range(2):
-            nm = _free_port()
-            self.node_ports.append(nm)
-            self._ray(ray_bin, "start", f"--address={self.address}", "--num-cpus=2", f"--node-manager-port={nm}")
+        try:
+            # The head holds 1 CPU (the trainer); each worker node 2 CPUs, so the rollout engine lands on one of them.
+            self._ray(ray_bin, "start", "--head", f"--port={self.port}", "--num-cpus=1",
+                      f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-port=0")
+            for _ in range(2):
+                nm = _free_port()
+                self.node_ports.append(nm)
+                self._ray(ray_bin, "start", f"--address={self.address}", "--num-cpus=2", f"--node-manager-port={nm}")
+        except BaseException:
+            self.stop()  # a half-started cluster must not outlive the test
+            raise
 
     def _ray(self, *args):
         out = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=180)
