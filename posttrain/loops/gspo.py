@@ -195,15 +195,23 @@ def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
                         **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
     bar.close()
 
+    summary, _ = finish_run(recipe, run_dir, trainer, metrics_log)
+    return {**summary, "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start}
+
+
+def finish_run(recipe: Recipe, run_dir: str, trainer: TrainerGroup,
+               metrics_log: MetricsLog) -> tuple[dict, list]:
+    """The end of every loop: the model in Hugging Face format in RUN_DIR/final, the reward curve, and the
+    held-out reward before → after. Returns (summary, all metrics records)."""
     final_dir = os.path.join(run_dir, "final")
     trainer.call_rank0("save_hf", final_dir)
     trainer.call_all("shutdown")
     records = read_metrics(metrics_log.path)
     plot_rewards(metrics_log.path, os.path.join(run_dir, "reward_curve.png"), title=recipe.name)
-    evals = [(rec["step"], rec["eval/reward/mean"]) for rec in records if "eval/reward/mean" in rec]
-    return {"eval_before": evals[0][1] if evals else None, "eval_after": evals[-1][1] if evals else None,
-            "steps": recipe.total_steps, "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start,
-            "final_dir": final_dir}
+    evals = [rec["eval/reward/mean"] for rec in records if "eval/reward/mean" in rec]
+    summary = {"eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+               "steps": recipe.total_steps, "final_dir": final_dir}
+    return summary, records
 
 
 def restore_state(recipe: Recipe, resume_from: str | None, trainer: TrainerGroup, rollout: RolloutGroup,

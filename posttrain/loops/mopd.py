@@ -27,8 +27,8 @@ from posttrain.algorithms.token_categories import (category_weights, label_token
 from posttrain.config import Recipe
 from posttrain.data import DataCursor, load_prompt_rows
 from posttrain.loops.gspo import (check_canary, evaluate, prepare_prompts, restore_state, run_with_restarts,
-                                  sampling_seed, save_checkpoint)
-from posttrain.metrics import MetricsLog, plot_rewards, read_metrics
+                                  finish_run, sampling_seed, save_checkpoint)
+from posttrain.metrics import MetricsLog
 from posttrain.orchestration import RolloutGroup, start_ray
 from posttrain.reward_pool import check_rewards_load, reward_fns_from_recipe, reward_metrics, score_batch
 from teachers.scores import TeacherScores, padded
@@ -228,14 +228,7 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
                         **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
     bar.close()
 
-    final_dir = os.path.join(run_dir, "final")
-    trainer.call_rank0("save_hf", final_dir)
-    trainer.call_all("shutdown")
-    records = read_metrics(metrics_log.path)
-    plot_rewards(metrics_log.path, os.path.join(run_dir, "reward_curve.png"), title=recipe.name)
-    evals = [(rec["step"], rec["eval/reward/mean"]) for rec in records if "eval/reward/mean" in rec]
+    summary, records = finish_run(recipe, run_dir, trainer, metrics_log)
     rkl = [rec["mopd/reverse_kl"] for rec in records if "mopd/reverse_kl" in rec]
-    return {"eval_before": evals[0][1] if evals else None, "eval_after": evals[-1][1] if evals else None,
-            "reverse_kl_first": rkl[0] if rkl else None, "reverse_kl_last": rkl[-1] if rkl else None,
-            "steps": recipe.total_steps, "startup_s": startup_s, "startup_breakdown": timings,
-            "wall_s": time.time() - t_start, "final_dir": final_dir}
+    return {**summary, "reverse_kl_first": rkl[0] if rkl else None, "reverse_kl_last": rkl[-1] if rkl else None,
+            "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start}
