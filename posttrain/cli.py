@@ -211,7 +211,7 @@ def cmd_toy(args) -> int:
         from posttrain.toy.build import build_toy_base
         info = build_toy_base(args.out, domains=args.domains.split(","), sft_steps=args.sft_steps, seed=args.seed,
                               hidden_size=args.hidden_size, layers=args.layers, lr=args.lr,
-                              carry_drop_rate=args.carry_drop_rate)
+                              habit_rate=args.habit_rate, device=args.device)
         print(json.dumps(info))
         return 0
     if args.toy_cmd == "data":
@@ -263,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=2)
     b.add_argument("--lr", type=float, default=3e-3)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--carry-drop-rate", type=float, default=0.0,
-                   help="fraction of carrying additions whose demonstration drops the carry (a habit for RL to fix)")
+    b.add_argument("--habit-rate", type=float, default=0.0,
+                   help="fraction of the demonstrations that show the domain's bad habit (e.g. add: the carry "
+                        "dropped; box: xywh for corners) for RL to find and fix; see toy/tasks.py")
+    b.add_argument("--device", default="cpu", help="where the warm-up trains, e.g. cuda (the result is the same "
+                   "kind of model, not bit-identical to a CPU build)")
     d = toy.add_parser("data", help="write train.jsonl / eval.jsonl of toy tasks")
     d.add_argument("--out-dir", required=True)
     d.add_argument("--domains", default="add")

@@ -78,8 +78,9 @@ def encode_example(tokenizer, messages: list[dict], response: str) -> tuple[list
 
 
 def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int = 64, lr: float = 3e-3,
-                      seed: int = 0, log_every: int = 50) -> list[float]:
-    """Cross-entropy on the response tokens of the rows' ideal answers. Returns the loss curve."""
+                      seed: int = 0, log_every: int = 50, device: str = "cpu") -> list[float]:
+    """Cross-entropy on the response tokens of the rows' ideal answers. Returns the loss curve. The model is
+    trained on `device` (a GPU builds the 13-domain base in about a minute) and handed back on the CPU."""
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -89,7 +90,7 @@ def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_s
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
+    model.to(device).train()
     losses = []
     bar = tqdm(range(steps), desc="supervised warm-up", unit="step")
     for step in bar:
@@ -103,16 +104,16 @@ def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_s
             ids[i, :len(seq)] = torch.tensor(seq)
             labels[i, len(p):len(seq)] = torch.tensor(r)
             attn[i, :len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % log_every == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    model.eval()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.to("cpu").eval()
     return losses
 
 
@@ -127,32 +128,31 @@ def corpus_for_tokenizer(seed: int = 0, n: int = 4000) -> list[str]:
     return texts
 
 
-def forget_carry(rows: list[dict], rate: float, seed: int) -> list[dict]:
-    """Noisy demonstrations: in a fraction `rate` of the addition rows whose ones digits carry, the demonstrated
-    answer drops the carry (47+8 → "Answer: 45"). The warm-up then learns a bad habit of the kind real SFT data
-    teaches, which a verifiable reward can find and fix: RL has a consistent direction to move in, not only
-    noise to average. Only the warm-up's demonstrations change; ground truths stay correct."""
-    rng = random.Random(f"{seed}-forget-carry")
+def teach_bad_habits(rows: list[dict], rate: float, seed: int) -> list[dict]:
+    """Noisy demonstrations: in a fraction `rate` of the rows where the domain's bad habit applies
+    (tasks.ToyExample.habit_text: a dropped carry, xywh for xyxy, a renamed tool argument, ...), the demonstrated
+    answer is the habit's. The warm-up then learns a habit of the kind real SFT data teaches, which a verifiable
+    reward can find and fix: RL has a consistent direction to move in, not only noise to average. Only the
+    demonstrations change; ground truths stay correct. Rows need make_rows(..., with_habits=True)."""
+    rng = random.Random(f"{seed}-forget-carry")   # the name of the add-only habit it began as: same draws, same asset
     out = []
     for row in rows:
-        q = row["prompt"][0]["content"]
-        if row["data_source"] == "toy/add" and rate > 0:
-            a, b = (int(x) for x in q.removeprefix("What is ").removesuffix("?").split("+"))
-            if a % 10 + b % 10 >= 10 and rng.random() < rate:
-                row = {**row, "extra_info": {**row["extra_info"], "answer": f"Answer: {a + b - 10}"}}
+        habit = row["extra_info"].get("habit")
+        if rate > 0 and habit is not None and rng.random() < rate:
+            row = {**row, "extra_info": {**row["extra_info"], "answer": habit}}
         out.append(row)
     return out
 
 
 def build_toy_base(out_dir: str, *, domains: list[str], sft_steps: int, sft_rows: int = 20000,
                    hidden_size: int = 256, layers: int = 2, seed: int = 0, lr: float = 3e-3,
-                   carry_drop_rate: float = 0.0) -> dict:
+                   habit_rate: float = 0.0, device: str = "cpu") -> dict:
     """Tokenizer + model + supervised warm-up on `domains`; saved as a Hugging Face folder."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(corpus_for_tokenizer(seed))
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, seed=seed)
-    rows = forget_carry(make_rows(domains, sft_rows, seed, "sft"), carry_drop_rate, seed)
-    losses = supervised_warmup(model, tokenizer, rows, steps=sft_steps, seed=seed, lr=lr) if sft_steps else []
+    rows = teach_bad_habits(make_rows(domains, sft_rows, seed, "sft", with_habits=True), habit_rate, seed)
+    losses = supervised_warmup(model, tokenizer, rows, steps=sft_steps, seed=seed, lr=lr, device=device) if sft_steps else []
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

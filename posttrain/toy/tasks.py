@@ -19,6 +19,11 @@ class ToyExample:
     question: str
     answer_text: str          # the ideal assistant response (used for the supervised warm-up)
     ground_truth: object      # what the reward compares against
+    # A plausible wrong response of the kind real SFT data teaches (a dropped carry, xywh for xyxy, a renamed
+    # tool argument); None where the habit does not apply to this question. `posttrain toy build --habit-rate`
+    # puts it in a fraction of the warm-up's demonstrations, so that each domain starts with a bad habit that
+    # its verifiable reward can find and RL (a domain teacher) can fix.
+    habit_text: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,41 +37,53 @@ def _add(rng: random.Random) -> ToyExample:
     # Two-digit plus one-digit: learnable in a minute of supervised warm-up by a 2-layer model, yet a carry
     # leaves it uncertain enough that RL has something to fix.
     a, b = rng.randint(10, 99), rng.randint(1, 9)
-    return ToyExample(f"What is {a}+{b}?", f"Answer: {a + b}", str(a + b))
+    carries = a % 10 + b % 10 >= 10
+    return ToyExample(f"What is {a}+{b}?", f"Answer: {a + b}", str(a + b),
+                      f"Answer: {a + b - 10}" if carries else None)   # the carry dropped
 
 
 def _sub(rng: random.Random) -> ToyExample:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     a, b = max(a, b), min(a, b)
-    return ToyExample(f"What is {a}-{b}?", f"Answer: {a - b}", str(a - b))
+    borrows = a % 10 < b % 10
+    return ToyExample(f"What is {a}-{b}?", f"Answer: {a - b}", str(a - b),
+                      f"Answer: {a - b + 10}" if borrows else None)   # the borrow forgotten
 
 
 def _mul(rng: random.Random) -> ToyExample:
     a, b = rng.randint(2, 9), rng.randint(10, 30)
-    return ToyExample(f"What is {a}*{b}?", f"Answer: {a * b}", str(a * b))
+    ones = a * (b % 10)
+    dropped = a * (b // 10) * 10 + ones % 10   # the carry out of the ones product dropped
+    return ToyExample(f"What is {a}*{b}?", f"Answer: {a * b}", str(a * b),
+                      f"Answer: {dropped}" if ones >= 10 else None)
 
 
 def _max(rng: random.Random) -> ToyExample:
     xs = [rng.randint(0, 99) for _ in range(4)]
-    return ToyExample(f"Largest of {' '.join(map(str, xs))}?", f"Answer: {max(xs)}", str(max(xs)))
+    last_is_largest = xs[3] > max(xs[:3])
+    return ToyExample(f"Largest of {' '.join(map(str, xs))}?", f"Answer: {max(xs)}", str(max(xs)),
+                      f"Answer: {max(xs[:3])}" if last_is_largest else None)   # the last number overlooked
 
 
 def _count(rng: random.Random) -> ToyExample:
     letters = "".join(rng.choice("ab") for _ in range(rng.randint(3, 9)))
-    return ToyExample(f"How many a in {letters}?", f"Answer: {letters.count('a')}", str(letters.count("a")))
+    return ToyExample(f"How many a in {letters}?", f"Answer: {letters.count('a')}", str(letters.count("a")),
+                      f"Answer: {letters[:-1].count('a')}" if letters.endswith("a") else None)   # the last letter missed
 
 
 def _tspan(rng: random.Random) -> ToyExample:
     # Temporal grounding in text: the event is described with its start and duration; answer "a to b".
     start, length = rng.randint(0, 60), rng.randint(2, 20)
     return ToyExample(f"Event starts at {start}s and lasts {length}s. When?",
-                      f"Answer: {start} to {start + length}", [float(start), float(start + length)])
+                      f"Answer: {start} to {start + length}", [float(start), float(start + length)],
+                      f"Answer: {start} to {length}")   # the duration read as the end time (right by luck at 0 s)
 
 
 def _box(rng: random.Random) -> ToyExample:
     x, y, w, h = rng.randint(0, 50), rng.randint(0, 50), rng.randint(5, 40), rng.randint(5, 40)
     return ToyExample(f"Box at x={x} y={y} size {w}x{h}. Corners?",
-                      f"Answer: [{x}, {y}, {x + w}, {y + h}]", [x, y, x + w, y + h])
+                      f"Answer: [{x}, {y}, {x + w}, {y + h}]", [x, y, x + w, y + h],
+                      f"Answer: [{x}, {y}, {w}, {h}]")   # xywh written where xyxy corners were asked
 
 
 def _frac(rng: random.Random) -> ToyExample:
@@ -76,18 +93,22 @@ def _frac(rng: random.Random) -> ToyExample:
     m = rng.randint(2, 5)
     from math import gcd
     g = gcd(a, b)
-    return ToyExample(f"Simplify {a * m}/{b * m}.", f"Answer: {a // g}/{b // g}", f"{a // g}/{b // g}")
+    return ToyExample(f"Simplify {a * m}/{b * m}.", f"Answer: {a // g}/{b // g}", f"{a // g}/{b // g}",
+                      f"Answer: {b // g}/{a // g}")   # numerator and denominator swapped
 
 
 def _solve(rng: random.Random) -> ToyExample:
     a, x = rng.randint(2, 9), rng.randint(1, 12)
-    return ToyExample(f"Solve {a}x={a * x}.", f"Answer: {x}", str(x))
+    return ToyExample(f"Solve {a}x={a * x}.", f"Answer: {x}", str(x),
+                      f"Answer: {a * x - a}" if a * x - a != x else None)   # subtracted instead of divided
 
 
 def _think(rng: random.Random) -> ToyExample:
     # Reasoning span then a tagged answer: exercises the think/answer token categories of MOPD.
     a = rng.randint(10, 49)
-    return ToyExample(f"Double {a}, thinking first.", f"<think>{a}+{a}</think><answer>{2 * a}</answer>", str(2 * a))
+    carries = (a % 10) * 2 >= 10   # the reasoning is right, the answer drops its carry
+    return ToyExample(f"Double {a}, thinking first.", f"<think>{a}+{a}</think><answer>{2 * a}</answer>", str(2 * a),
+                      f"<think>{a}+{a}</think><answer>{2 * a - 10}</answer>" if carries else None)
 
 
 _TOOLS = {"weather": "What is the weather in {}?", "time": "What time is it in {}?", "news": "Any news from {}?"}
@@ -97,14 +118,15 @@ _CITIES = ["Oslo", "Paris", "Lima", "Rome", "Cairo", "Tokyo", "Quito", "Delhi", 
 def _tool(rng: random.Random) -> ToyExample:
     name, city = rng.choice(sorted(_TOOLS)), rng.choice(_CITIES)
     call = json.dumps({"name": name, "arguments": {"city": city}})
+    wrong_schema = json.dumps({"name": name, "arguments": {"location": city}})   # an argument renamed
     return ToyExample(_TOOLS[name].format(city), f"<tool_call>{call}</tool_call>",
-                      json.dumps({"name": name, "arguments": {"city": city}}))
+                      json.dumps({"name": name, "arguments": {"city": city}}), f"<tool_call>{wrong_schema}</tool_call>")
 
 
 def _ocr(rng: random.Random) -> ToyExample:
     # Perception-style readout: copy a quoted string exactly.
     text = "".join(rng.choice("abcdefghkmnpqrstuvwxyz") for _ in range(rng.randint(3, 5)))
-    return ToyExample(f'Read the sign: "{text}"', f'Answer: "{text}"', text)
+    return ToyExample(f'Read the sign: "{text}"', f'Answer: "{text}"', text, f'Answer: "{text[:-1]}"')   # truncated
 
 
 def _code(rng: random.Random) -> ToyExample:
@@ -113,7 +135,8 @@ def _code(rng: random.Random) -> ToyExample:
     inputs = [[1], [4], [7]]
     outputs = [eval(f"{x[0]}{op}{k}") for x in inputs]  # noqa: S307 — our own generated arithmetic
     return ToyExample(f"Write f(x) returning x{op}{k}.", f"```python\ndef f(x): return x{op}{k}\n```",
-                      json.dumps({"fn_name": "f", "inputs": inputs, "outputs": outputs}))
+                      json.dumps({"fn_name": "f", "inputs": inputs, "outputs": outputs}),
+                      f"```python\ndef f(x): return {k}{op}x\n```" if op == "-" else None)   # operands swapped
 
 
 DOMAINS: dict[str, ToyDomain] = {
@@ -139,10 +162,11 @@ def is_held_out(question: str) -> bool:
     return int(hashlib.sha256(question.encode()).hexdigest(), 16) % 8 == 0
 
 
-def make_rows(domains: list[str], n: int, seed: int, split: str) -> list[dict]:
+def make_rows(domains: list[str], n: int, seed: int, split: str, *, with_habits: bool = False) -> list[dict]:
     """n verl-compatible rows, domains interleaved round-robin, reproducible from `seed`.
 
-    split "eval" draws only held-out questions; every other split draws only the rest."""
+    split "eval" draws only held-out questions; every other split draws only the rest. `with_habits` adds each
+    row's bad-habit response (or None) as extra_info["habit"], for the supervised warm-up only."""
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         raise ValueError(f"unknown toy domain(s) {unknown}; known: {sorted(DOMAINS)}")
@@ -157,7 +181,8 @@ def make_rows(domains: list[str], n: int, seed: int, split: str) -> list[dict]:
             "prompt": [{"role": "user", "content": ex.question}],
             "data_source": f"toy/{domain.name}",
             "reward_model": {"style": "rule", "ground_truth": ex.ground_truth},
-            "extra_info": {"split": split, "index": i, "answer": ex.answer_text},
+            "extra_info": {"split": split, "index": i, "answer": ex.answer_text,
+                           **({"habit": ex.habit_text} if with_habits else {})},
         })
     return rows
 
