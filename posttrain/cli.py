@@ -176,6 +176,10 @@ def _print_summary(recipe, run_dir: str, summary: dict) -> None:
           f"(start-up {summary['startup_s']:.0f} s)")
     if before is not None and after is not None:
         print(f"held-out reward: {before:.3f} → {after:.3f} ({after - before:+.3f})")
+    first, last = summary.get("reverse_kl_first"), summary.get("reverse_kl_last")
+    if first and last is not None:
+        print(f"reverse KL to the teachers (mean of the first / last {summary['reverse_kl_window']} steps): "
+              f"{first:.4f} → {last:.4f} ({100 * (last - first) / first:+.0f}%)")
     print(f"metrics: {run_dir}/metrics.jsonl  curve: {run_dir}/reward_curve.png  model: {summary['final_dir']}")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

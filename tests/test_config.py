@@ -11,12 +11,13 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
 
-SHIPPED = sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml")))
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))   # + the toy teachers and MOPD baselines
+                 + glob.glob(os.path.join(REPO, "recipes", "*", "*.yaml")))
 
 
 def test_there_are_shipped_recipes():
     names = {os.path.basename(p) for p in SHIPPED}
-    assert {"quickstart.yaml", "smoke.yaml"} <= names
+    assert {"quickstart.yaml", "smoke.yaml", "add.yaml", "code.yaml", "mixed-13.yaml"} <= names
 
 
 # Recipes whose models are built by a documented command (MOPD teachers: scripts/toy_teachers.sh) validate

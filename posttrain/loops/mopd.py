@@ -230,5 +230,9 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
 
     summary, records = finish_run(recipe, run_dir, trainer, metrics_log)
     rkl = [rec["mopd/reverse_kl"] for rec in records if "mopd/reverse_kl" in rec]
-    return {**summary, "reverse_kl_first": rkl[0] if rkl else None, "reverse_kl_last": rkl[-1] if rkl else None,
+    # One step's KL is one batch's; the summary compares means over the first and last tenth of the run
+    # (at least 3 steps each) so that the fall is not a single lucky batch.
+    window = max(3, len(rkl) // 10)
+    return {**summary, "reverse_kl_first": sum(rkl[:window]) / len(rkl[:window]) if rkl else None,
+            "reverse_kl_last": sum(rkl[-window:]) / len(rkl[-window:]) if rkl else None, "reverse_kl_window": window,
             "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start}
