@@ -48,7 +48,10 @@ def plot_rewards(metrics_path: str, out_png: str, title: str = "") -> str:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["reward/mean"]) for r in records if "reward/mean" in r]
     evals = [(r["step"], r["eval/reward/mean"]) for r in records if "eval/reward/mean" in r]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    rkl = [(r["step"], r["mopd/reverse_kl"]) for r in records if "mopd/reverse_kl" in r]
+    # A distillation run gets a second panel: the reverse KL to the teachers is the number that should fall.
+    fig, axes = plt.subplots(1, 2 if rkl else 1, figsize=(11, 3.8) if rkl else (6.4, 3.8), dpi=110, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train reward (rollout mean)", alpha=0.6)
     if evals:
@@ -58,6 +61,19 @@ def plot_rewards(metrics_path: str, out_png: str, title: str = "") -> str:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    if rkl:
+        kl_ax = axes[0][1]
+        steps, values = zip(*rkl)
+        kl_ax.plot(steps, values, alpha=0.4, color="tab:purple", label="per step")
+        width = max(1, len(values) // 10)   # a trailing running mean: the trend shows through the per-batch noise
+        smooth = [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
+                  for i in range(len(values))]
+        kl_ax.plot(steps, smooth, color="tab:purple", label=f"mean of last {width}")
+        kl_ax.set_xlabel("step")
+        kl_ax.set_ylabel("reverse KL to the routed teacher (nats/token)")
+        kl_ax.set_title("mopd/reverse_kl")
+        kl_ax.grid(alpha=0.3)
+        kl_ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
