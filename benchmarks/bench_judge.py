@@ -33,31 +33,12 @@ WORDS = ("a person walks to the left of the frame while the camera pans slowly a
 
 
 def build_tiny_judge(path: str) -> None:
-    """Same recipe as tests/test_judge_vllm.py: BPE tokenizer trained here + random 2-layer Qwen3 (head_dim 64)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    """posttrain.toy.build.build_random_chat_model (as tests/test_judge_vllm.py) on caption-like text."""
+    from posttrain.toy.build import build_random_chat_model
 
     rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(30)) + f" Rating: [[{rng.randint(1, 10)}]]"
-              for _ in range(3000)]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"))
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    fast.save_pretrained(path)
+    build_random_chat_model(path, [" ".join(rng.choice(WORDS) for _ in range(30)) + f" Rating: [[{rng.randint(1, 10)}]]"
+                                   for _ in range(3000)])
 
 
 def make_batch(n: int, duplicate_fraction: float, seed: int = 0) -> list[str]:

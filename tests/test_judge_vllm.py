@@ -22,18 +22,11 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATING_REGEX = r"\[\[(10|[1-9])\]\]"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def build_tiny_judge(path: str) -> None:
-    """A byte-level BPE tokenizer (~500 tokens) trained on judge-like text + a random 2-layer Qwen3 (head_dim 64:
-    vLLM's CPU attention needs it), saved as a plain Hugging Face folder."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    """posttrain.toy.build.build_random_chat_model on judge-like text (prompts, ratings, [[A]]/[[B]] verdicts)."""
+    from posttrain.toy.build import build_random_chat_model
 
     rng = random.Random(0)
     words = ("please act as an impartial judge and evaluate the quality of the response assistant answer question "
@@ -42,21 +35,7 @@ def build_tiny_judge(path: str) -> None:
     corpus = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) +
               rng.choice([f" Rating: [[{rng.randint(1, 10)}]]", " [[A]]", " [[B]]", " [[C]]", "."])
               for _ in range(3000)]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"))
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    fast.save_pretrained(path)
+    build_random_chat_model(path, corpus)
 
 
 @pytest.fixture(scope="module")

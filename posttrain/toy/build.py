@@ -157,3 +157,31 @@ def build_toy_base(out_dir: str, *, domains: list[str], sft_steps: int, sft_rows
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"final_sft_loss": losses[-1] if losses else None, "params": sum(p.numel() for p in model.parameters())}
+
+
+def build_random_chat_model(path: str, corpus: list[str], *, vocab_size: int = 500, hidden_size: int = 128,
+                            seed: int = 0) -> None:
+    """A tiny UNTRAINED chat model for plumbing tests and benchmarks (the LLM judge's server, for one): a
+    byte-level BPE tokenizer (~500 tokens) trained on `corpus`, ChatML markup, and a random 2-layer Qwen3
+    (head_dim 64: vLLM's CPU attention needs it; 4,096 positions for long judge prompts). Its outputs are noise."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=int(math.ceil(vocab_size / 64) * 64), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=hidden_size // 64,
+                         num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+                         eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"))
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
