@@ -51,3 +51,18 @@ def test_habits_never_reach_data_files():
     rows = make_rows(["box"], 4, 0, "train")
     assert "habit" not in rows[0]["extra_info"]
     assert "habit" not in json.loads(open("recipes/data/box/train.jsonl").readline())["extra_info"]
+
+
+@pytest.mark.parametrize("source", ["trained here", "toy-base", "toy-base-13"])
+def test_structural_tags_survive_detokenisation(source):
+    # vLLM detokenises with skip_special_tokens=True: a tag marked special never reaches the reward
+    # ("<think>26+26</think><answer>52</answer>" would arrive as "26+2652" and the think domain would score 0).
+    from transformers import AutoTokenizer
+
+    from posttrain.toy.build import corpus_for_tokenizer, train_tokenizer
+    tok = (train_tokenizer(corpus_for_tokenizer(n=300)) if source == "trained here"
+           else AutoTokenizer.from_pretrained(f"posttrain/toy/assets/{source}"))
+    text = '<think>26+26</think><answer>52</answer><tool_call>{"name": "time"}</tool_call>'
+    ids = tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<think>") in ids                 # still one token each
+    assert tok.decode(ids, skip_special_tokens=True) == text            # the tags stay, the end-of-turn goes

@@ -18,6 +18,10 @@ from posttrain.toy.tasks import DOMAINS, make_rows
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
                   "<tool_call>", "</tool_call>", "<answer>", "</answer>"]
+# Tags that are single tokens but part of the response's TEXT (as in Qwen3: added, not special). A special token
+# is dropped when a response is detokenised (vLLM's default skip_special_tokens), so a tag marked special would
+# never reach the reward: "<think>26+26</think><answer>52</answer>" would arrive as "26+2652".
+TEXT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>")
 # Qwen-style chat template (no default system prompt). The generation prompt ends with "assistant\n".
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -41,10 +45,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    tok = Tokenizer.from_str(unmark_text_tags(tok.to_str()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token=None, unk_token=None)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def unmark_text_tags(tokenizer_json: str) -> str:
+    """A tokenizer.json with TEXT_TAGS flagged as ordinary added tokens (same ids, kept when decoding)."""
+    import json
+
+    spec = json.loads(tokenizer_json)
+    for added in spec["added_tokens"]:
+        if added["content"] in TEXT_TAGS:
+            added["special"] = False
+    return json.dumps(spec, ensure_ascii=False)
 
 
 def build_model(tokenizer, *, hidden_size: int = 256, layers: int = 2, seed: int = 0):
