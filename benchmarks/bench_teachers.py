@@ -1,7 +1,7 @@
 """Teacher-side costs of MOPD on this machine: scoring throughput per engine, weight-swap time, payload size,
 engine memory, and (from a finished MOPD run) the share of step time spent on teachers.
 
-    .venv/bin/python benchmarks/bench_teachers.py --student runs/toy/base [--teachers 13] [--engines 1 2]
+    .venv/bin/python benchmarks/bench_teachers.py --student posttrain/toy/assets/toy-base-13 [--teachers 13] [--engines 1 2]
                                                   [--metrics runs/mopd-quickstart/metrics.jsonl]
 
 Teachers: `--teacher-dirs` (real teacher folders) or, by default, N copies of the student with independently
