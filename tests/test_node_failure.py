@@ -72,7 +72,8 @@ def _rollout_node_manager_port(address, env):
     code = (
         "import ray, json; from ray.util.state import list_actors\n"
         f"ray.init(address='{address}', log_to_driver=False)\n"
-        "acts = list_actors(filters=[('class_name', '=', 'RolloutWorker'), ('state', '=', 'ALIVE')])\n"
+        # The address is named: with another Ray instance on the machine, list_actors would not know which.
+        f"acts = list_actors(address='{address}', filters=[('class_name', '=', 'RolloutWorker'), ('state', '=', 'ALIVE')])\n"
         "nodes = {n['NodeID']: n['NodeManagerPort'] for n in ray.nodes() if n['Alive']}\n"
         "print(json.dumps([nodes.get(a.node_id) for a in acts]))\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -61,7 +61,11 @@ def _sigkill_at_random_point(run_dir, rng):
         if os.path.exists(metrics) and any(s >= target for s in _steps(run_dir)):
             break
         time.sleep(0.2)
-    time.sleep(rng.uniform(0.0, 2.0))  # anywhere inside the next step, checkpoint writes included
+    # Anywhere inside the next step, checkpoint writes included: a pause of up to one measured step (a fixed
+    # pause could outlast the remaining steps on a fast machine, and then nothing would be tested).
+    records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.exists(metrics) else []
+    step_s = next((r["time/step_s"] for r in reversed(records) if "time/step_s" in r), 1.0)
+    time.sleep(rng.uniform(0.0, step_s))
     killed_at = max(_steps(run_dir), default=0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
