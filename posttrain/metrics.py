@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 
 class MetricsLog:
@@ -66,8 +67,7 @@ def plot_rewards(metrics_path: str, out_png: str, title: str = "") -> str:
         steps, values = zip(*rkl)
         kl_ax.plot(steps, values, alpha=0.4, color="tab:purple", label="per step")
         width = max(1, len(values) // 10)   # a trailing running mean: the trend shows through the per-batch noise
-        smooth = [sum(values[max(0, i - width + 1):i + 1]) / len(values[max(0, i - width + 1):i + 1])
-                  for i in range(len(values))]
+        smooth = [statistics.fmean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
         kl_ax.plot(steps, smooth, color="tab:purple", label=f"mean of last {width}")
         kl_ax.set_xlabel("step")
         kl_ax.set_ylabel("reverse KL to the routed teacher (nats/token)")

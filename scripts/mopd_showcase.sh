@@ -15,6 +15,9 @@ run() {   # recipe, run dir: a finished run is left alone; an unfinished one res
   $PT run "$1" --run-dir "$2" --no-progress
 }
 run recipes/mopd-13.yaml runs/toy/mopd-13
+# The sequential baseline's data: each domain's first 30 steps x 16 prompts of rows, in the teachers' order.
+for d in add tspan box sub mul max count frac solve think tool ocr code; do head -n 480 "recipes/data/$d/train.jsonl"
+done > recipes/data/sequential-13.jsonl
 run recipes/baselines/sequential-13.yaml runs/toy/baselines/sequential-13
 run recipes/baselines/mixed-13.yaml runs/toy/baselines/mixed-13
 .venv/bin/python scripts/mopd_showcase_table.py --runs runs/toy

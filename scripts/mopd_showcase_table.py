@@ -33,17 +33,14 @@ def domain_reward(row: dict | None, domain: str) -> float | None:
 def collect(runs: str) -> dict[str, dict[str, float | None]]:
     student, seq, mixed = (evals(os.path.join(runs, p)) for p in
                            ("mopd-13", "baselines/sequential-13", "baselines/mixed-13"))
-    base_row = next((e for e in (student, mixed, seq) if e and e[0]["step"] == 0), [None])[0]
+    base_row = next((e[0] for e in (student, mixed, seq) if e and e[0]["step"] == 0), None)
+    final = lambda e: e[-1] if len(e) > 1 else None   # noqa: E731 — the last evaluation after training, if any
     table = {}
     for d in ORDER:
         teacher = evals(os.path.join(runs, "teachers", d))
-        table[d] = {
-            "base": domain_reward(base_row, d),
-            "teacher": domain_reward(teacher[-1] if len(teacher) > 1 else None, d),
-            "student": domain_reward(student[-1] if len(student) > 1 else None, d),
-            "sequential": domain_reward(seq[-1] if len(seq) > 1 else None, d),
-            "mixed": domain_reward(mixed[-1] if len(mixed) > 1 else None, d),
-        }
+        table[d] = {"base": domain_reward(base_row, d), "teacher": domain_reward(final(teacher), d),
+                    "student": domain_reward(final(student), d), "sequential": domain_reward(final(seq), d),
+                    "mixed": domain_reward(final(mixed), d)}
     return table
 
 

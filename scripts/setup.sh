@@ -10,12 +10,15 @@ VENV="$ROOT/.venv"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
-# 1. System packages. bubblewrap gives the code judge its namespaces sandbox.
-if ! command -v bwrap >/dev/null 2>&1; then
-  echo "[setup] installing bubblewrap (apt)"
+# 1. System packages. bubblewrap gives the code judge its namespaces sandbox; g++ lets it judge C++.
+MISSING=""
+command -v bwrap >/dev/null 2>&1 || MISSING="$MISSING bubblewrap"
+command -v g++ >/dev/null 2>&1 || MISSING="$MISSING g++"
+if [ -n "$MISSING" ]; then
+  echo "[setup] installing$MISSING (apt)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bubblewrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $MISSING >/dev/null
 fi
 
 # 2. Python environment.

@@ -4,7 +4,6 @@ run must continue exactly where the checkpoint left off."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from posttrain.toy.tasks import make_rows, write_jsonl
-from tests.conftest import REPO
+from tests.conftest import REPO, sigkill_at_random_step
 from tests.test_teachers import tiny_family  # noqa: F401 — the session fixture (student + add/sub teachers)
 
 pytestmark = [pytest.mark.integration]
@@ -88,20 +87,8 @@ def test_two_vllm_teachers_distil_and_reverse_kl_falls_then_resume_continues_exa
     reference = load_file(os.path.join(run_dir, "final", "model.safetensors"))
     killed_dir = str(tmp_path / "killed")
     rng = random.Random(int(os.environ.get("POSTTRAIN_TEST_SEED", time.time())))
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", recipe, "--run-dir", killed_dir,
-                             "--no-progress"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    target = rng.choice([5, 6, 7, 8])
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(os.path.join(killed_dir, "metrics.jsonl")) and \
-                any(r["step"] >= target for r in _steps(killed_dir)):
-            break
-        time.sleep(0.2)
-    time.sleep(rng.uniform(0.0, 1.5))
-    killed_at = max((r["step"] for r in _steps(killed_dir)), default=0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed_at = sigkill_at_random_step(["run", recipe, "--run-dir", killed_dir, "--no-progress"], killed_dir, rng,
+                                       [5, 6, 7, 8])
     assert killed_at < 10, "the run finished before it could be killed"
     again = _run(recipe, killed_dir)
     assert again.returncode == 0, again.stderr[-4000:]

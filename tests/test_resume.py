@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sigkill_at_random_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,26 +50,8 @@ def uninterrupted(tmp_path_factory):
 
 
 def _sigkill_at_random_point(run_dir, rng):
-    """Start the run in its own process group and SIGKILL the whole group (driver, Ray, engines) at a random
-    moment after the first completed step — a preempted machine."""
-    proc = subprocess.Popen(_cmd(["run", *SMOKE, "--run-dir", run_dir, "--no-progress"]), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    target = rng.choice([1, 2, 3])
-    deadline = time.time() + 600
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and any(s >= target for s in _steps(run_dir)):
-            break
-        time.sleep(0.2)
-    # Anywhere inside the next step, checkpoint writes included: a pause of up to one measured step (a fixed
-    # pause could outlast the remaining steps on a fast machine, and then nothing would be tested).
-    records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.exists(metrics) else []
-    step_s = next((r["time/step_s"] for r in reversed(records) if "time/step_s" in r), 1.0)
-    time.sleep(rng.uniform(0.0, step_s))
-    killed_at = max(_steps(run_dir), default=0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return killed_at
+    """SIGKILL a smoke run at a random point after its first completed step."""
+    return sigkill_at_random_step(["run", *SMOKE, "--run-dir", run_dir, "--no-progress"], run_dir, rng, [1, 2, 3])
 
 
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):

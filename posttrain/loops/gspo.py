@@ -21,7 +21,8 @@ from posttrain.config import Recipe, recipe_hash, recipe_to_dict
 from posttrain.data import DataCursor, encode_prompt, load_prompt_rows
 from posttrain.metrics import MetricsLog, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
-from posttrain.reward_pool import check_rewards_load, release_reward_servers, reward_fns_from_recipe, reward_metrics, score_batch
+from posttrain.reward_pool import (check_rewards_load, release_reward_servers, reward_fns_from_recipe, reward_metrics,
+                                   score_batch)
 
 
 class StaleWeightsError(RuntimeError):
@@ -59,10 +60,14 @@ def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, rows, prompt_ids
             samples.append({"data_source": row["data_source"], "solution": s["text"],
                             "ground_truth": row["reward_model"]["ground_truth"], "extra_info": row["extra_info"]})
             sources.append(row["data_source"])
-    results = score_batch(reward_fns, samples, timeout_s=recipe.rewards.timeout_s,
-                          max_concurrency=recipe.rewards.max_concurrency,
-                          samples_per_task=recipe.rewards.samples_per_task)
-    return reward_metrics(results, sources, prefix="eval/reward")
+    return reward_metrics(score_rewards(recipe, reward_fns, samples), sources, prefix="eval/reward")
+
+
+def score_rewards(recipe: Recipe, reward_fns, samples: list[dict]) -> list[dict]:
+    """score_batch with the recipe's limits (`rewards.timeout_s`, `max_concurrency`, `samples_per_task`)."""
+    r = recipe.rewards
+    return score_batch(reward_fns, samples, timeout_s=r.timeout_s, max_concurrency=r.max_concurrency,
+                       samples_per_task=r.samples_per_task)
 
 
 def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, canary_ids: list[int],
@@ -142,9 +147,7 @@ def _gspo_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
                 sources.append(row["data_source"])
         t1 = time.perf_counter()
         # 2. rewards ------------------------------------------------------------------------------------------
-        results = score_batch(reward_fns, samples, timeout_s=recipe.rewards.timeout_s,
-                              max_concurrency=recipe.rewards.max_concurrency,
-                          samples_per_task=recipe.rewards.samples_per_task)
+        results = score_rewards(recipe, reward_fns, samples)
         rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
         t2 = time.perf_counter()
         # 3. advantages (pure function) -----------------------------------------------------------------------

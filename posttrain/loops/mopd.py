@@ -14,6 +14,7 @@ engine and continues with the same per-prompt sampling seeds; the teacher pool h
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import numpy as np
@@ -26,11 +27,11 @@ from posttrain.algorithms.token_categories import (category_weights, label_token
                                                    token_strings_from_ids)
 from posttrain.config import Recipe
 from posttrain.data import DataCursor, load_prompt_rows
-from posttrain.loops.gspo import (check_canary, evaluate, prepare_prompts, restore_state, run_with_restarts,
-                                  finish_run, sampling_seed, save_checkpoint)
+from posttrain.loops.gspo import (check_canary, evaluate, finish_run, prepare_prompts, restore_state,
+                                  run_with_restarts, sampling_seed, save_checkpoint, score_rewards)
 from posttrain.metrics import MetricsLog
 from posttrain.orchestration import RolloutGroup, start_ray
-from posttrain.reward_pool import check_rewards_load, reward_fns_from_recipe, reward_metrics, score_batch
+from posttrain.reward_pool import check_rewards_load, reward_fns_from_recipe, reward_metrics
 from teachers.scores import TeacherScores, padded
 
 
@@ -161,9 +162,7 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
                 sources.append(row["data_source"])
         t1 = time.perf_counter()
         # 2. rewards (logged; they enter the loss only through the optional RL mix α) -----------------------------
-        results = score_batch(reward_fns, samples, timeout_s=recipe.rewards.timeout_s,
-                              max_concurrency=recipe.rewards.max_concurrency,
-                          samples_per_task=recipe.rewards.samples_per_task)
+        results = score_rewards(recipe, reward_fns, samples)
         rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
         t2 = time.perf_counter()
         # 3. routed teachers score the student's token ids (grouped by teacher, engines swap weights) -------------
@@ -233,6 +232,6 @@ def _mopd_attempt(recipe: Recipe, run_dir: str, resume_from: str | None, progres
     # One step's KL is one batch's; the summary compares means over the first and last tenth of the run
     # (at least 3 steps each) so that the fall is not a single lucky batch.
     window = max(3, len(rkl) // 10)
-    return {**summary, "reverse_kl_first": sum(rkl[:window]) / len(rkl[:window]) if rkl else None,
-            "reverse_kl_last": sum(rkl[-window:]) / len(rkl[-window:]) if rkl else None, "reverse_kl_window": window,
+    return {**summary, "reverse_kl_first": statistics.fmean(rkl[:window]) if rkl else None,
+            "reverse_kl_last": statistics.fmean(rkl[-window:]) if rkl else None, "reverse_kl_window": window,
             "startup_s": startup_s, "startup_breakdown": timings, "wall_s": time.time() - t_start}

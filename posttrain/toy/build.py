@@ -31,18 +31,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 512):
-    """Byte-level BPE with single-digit pre-tokenisation (digits never merge: arithmetic stays learnable)."""
+def train_tokenizer(texts: list[str], vocab_size: int = 512, *, special_tokens: list[str] = SPECIAL_TOKENS,
+                    split_digits: bool = True):
+    """Byte-level BPE, ChatML markup. `split_digits`: single-digit pre-tokenisation (digits never merge, so
+    arithmetic stays learnable)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok = Tokenizer.from_str(unmark_text_tags(tok.to_str()))
@@ -63,17 +64,18 @@ def unmark_text_tags(tokenizer_json: str) -> str:
     return json.dumps(spec, ensure_ascii=False)
 
 
-def build_model(tokenizer, *, hidden_size: int = 256, layers: int = 2, seed: int = 0):
-    """A randomly initialised Qwen3 causal LM sized for the CPU (head_dim 64: vLLM's CPU attention needs it)."""
+def build_model(tokenizer, *, hidden_size: int = 256, layers: int = 2, seed: int = 0, intermediate_size: int | None = None,
+                max_positions: int = 1024, vocab_size: int | None = None):
+    """A randomly initialised Qwen3 causal LM sized for the CPU (head_dim 64: vLLM's CPU attention needs it).
+    `vocab_size`: the embedding rows (default: the tokenizer's size rounded up to a multiple of 64)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    vocab = int(math.ceil(vocab / 64) * 64)   # padded vocab, as real models do
+    vocab = vocab_size or int(math.ceil(len(tokenizer) / 64) * 64)   # padded vocab, as real models do
     config = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size or 3 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=max(1, hidden_size // 128),
-        head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
+        head_dim=64, max_position_embeddings=max_positions, tie_word_embeddings=True, rope_theta=10000.0,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
         torch_dtype="float32",
@@ -177,27 +179,10 @@ def build_toy_base(out_dir: str, *, domains: list[str], sft_steps: int, sft_rows
 
 def build_random_chat_model(path: str, corpus: list[str], *, vocab_size: int = 500, hidden_size: int = 128,
                             seed: int = 0) -> None:
-    """A tiny UNTRAINED chat model for plumbing tests and benchmarks (the LLM judge's server, for one): a
-    byte-level BPE tokenizer (~500 tokens) trained on `corpus`, ChatML markup, and a random 2-layer Qwen3
-    (head_dim 64: vLLM's CPU attention needs it; 4,096 positions for long judge prompts). Its outputs are noise."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=int(math.ceil(vocab_size / 64) * 64), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=hidden_size // 64,
-                         num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
-                         eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
-                         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"))
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    fast.save_pretrained(path)
+    """A tiny UNTRAINED chat model for plumbing tests and benchmarks (the LLM judge's server, for one): the toy
+    tokenizer trained on `corpus` (ChatML markup only, digits may merge) and a random 2-layer Qwen3 with 4,096
+    positions for long judge prompts. Its outputs are noise."""
+    tokenizer = train_tokenizer(corpus, vocab_size, special_tokens=SPECIAL_TOKENS[:3], split_digits=False)
+    build_model(tokenizer, hidden_size=hidden_size, seed=seed, intermediate_size=2 * hidden_size, max_positions=4096,
+                vocab_size=int(math.ceil(vocab_size / 64) * 64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
