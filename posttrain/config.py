@@ -23,7 +23,7 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -76,15 +76,29 @@ class RewardsConfig(_Strict):
                                   "past timeout_s is retried one sample per task, so only the culprit is charged).")
 
 
-class GSPOConfig(_Strict):
-    clip_low: float = Field(3e-4, ge=0)
-    clip_high: float = Field(4e-4, ge=0)
+class GSPOAlgorithm(_Strict):
+    """GSPO (sequence-level importance ratio, docs/algorithms.md §1): the Keye-VL RL stage."""
+    type: Literal["gspo"] = "gspo"
+    clip_low: float = Field(3e-4, ge=0, description="ε_low of the sequence-level ratio clip.")
+    clip_high: float = Field(4e-4, ge=0, description="ε_high of the sequence-level ratio clip.")
     scale_by_std: bool = Field(True, description="False: Dr.GRPO advantages (no division by the group std).")
-    eps: float = Field(1e-6, gt=0)
-    mini_batches: int = Field(4, ge=1, description="Optimizer steps per rollout batch.")
+    eps: float = Field(1e-6, gt=0, description="Added to the group std before dividing.")
+    mini_batches: int = Field(4, ge=1, description="Optimizer steps per rollout batch (whole groups each).")
     epochs: int = Field(1, ge=1, description="Passes over the rollout batch.")
     filter_equal_reward_groups: bool = Field(False, description="Drop groups whose rewards are all equal (no signal) "
                                              "from the update (DAPO-style filtering without resampling).")
+
+
+class GRPOAlgorithm(_Strict):
+    """GRPO with a token-level PPO clip (DAPO's clip-higher bounds by default, docs/algorithms.md §3)."""
+    type: Literal["grpo"] = "grpo"
+    clip_low: float = Field(0.2, ge=0, description="ε_low of the per-token ratio clip.")
+    clip_high: float = Field(0.28, ge=0, description="ε_high of the per-token ratio clip.")
+    scale_by_std: bool = Field(True, description="False: Dr.GRPO advantages (no division by the group std).")
+    eps: float = Field(1e-6, gt=0)
+    mini_batches: int = Field(4, ge=1, description="Optimizer steps per rollout batch (whole groups each).")
+    epochs: int = Field(1, ge=1, description="Passes over the rollout batch.")
+    filter_equal_reward_groups: bool = Field(False)
 
 
 class OptimizerConfig(_Strict):
@@ -132,7 +146,18 @@ class TeacherConfig(_Strict):
                               "mopd.route_key). A label may belong to one teacher only.")
 
 
-class MOPDConfig(_Strict):
+class RLMixConfig(_Strict):
+    """The optional GSPO outcome-advantage term mixed into MOPD (docs/algorithms.md §2.6)."""
+    alpha: float = Field(0.0, ge=0, description="Weight of the GSPO term (0: pure MOPD).")
+    clip_low: float = Field(3e-4, ge=0)
+    clip_high: float = Field(4e-4, ge=0)
+    scale_by_std: bool = Field(True)
+    eps: float = Field(1e-6, gt=0)
+
+
+class MOPDAlgorithm(_Strict):
+    """Multi-teacher on-policy distillation (docs/algorithms.md §2): each sample routed to one teacher."""
+    type: Literal["mopd"] = "mopd"
     teachers: list[TeacherConfig] = Field(min_length=1)
     route_key: str = Field("data_source", description="Row field that picks the teacher (dotted path, e.g. "
                            "'extra_info.domain'). A value with no teacher is an error, never a silent default.")
@@ -154,17 +179,17 @@ class MOPDConfig(_Strict):
     repetition_penalty: float = Field(0.0, ge=0, description="λ_rep after the loop point τ (0: off).")
     loop_min_repeats: int = Field(4, ge=2)
     loop_min_tokens: int = Field(32, ge=1)
-    rl_alpha: float = Field(0.0, ge=0, description="Weight of the GSPO outcome-advantage term (0: pure MOPD).")
+    rl_mix: RLMixConfig = Field(default_factory=RLMixConfig)
     empty_overlap_fallback: bool = Field(False, description="Sampled-token reverse-KL advantage where Ω is empty.")
     loss_form: Literal["per_candidate", "keye_literal"] = Field(
         "per_candidate", description="keye_literal is the report's formula taken literally: an ablation whose "
         "expected gradient is zero (ALGORITHMS.md §2.1).")
 
     @model_validator(mode="after")
-    def _check(self) -> "MOPDConfig":
+    def _check(self) -> "MOPDAlgorithm":
         if self.top_k > self.max_logprobs:
-            raise ValueError(f"mopd.top_k = {self.top_k} exceeds the teacher engines' log-prob cap "
-                             f"mopd.max_logprobs = {self.max_logprobs}; lower top_k or raise max_logprobs")
+            raise ValueError(f"algorithm.top_k = {self.top_k} exceeds the teacher engines' log-prob cap "
+                             f"algorithm.max_logprobs = {self.max_logprobs}; lower top_k or raise max_logprobs")
         seen: dict[str, str] = {}
         for t in self.teachers:
             for label in t.labels:
@@ -176,7 +201,7 @@ class MOPDConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")
         if (self.gate_low is None) != (self.gate_high is None):
-            raise ValueError("set both mopd.gate_low and mopd.gate_high (e.g. 0.5 and 2.0), or neither")
+            raise ValueError("set both algorithm.gate_low and algorithm.gate_high (e.g. 0.5 and 2.0), or neither")
         return self
 
 
@@ -220,8 +245,76 @@ class Recipe(_Strict):
 # Loading, overrides and error formatting
 
 
+# A recipe is a few hundred YAML values in a few KB. These bounds refuse a huge file, or a tiny one whose aliases
+# expand exponentially ("billion laughs"), before either costs minutes or gigabytes.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 100
+
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's C parser when PyYAML was built with it
+
+
+class YAMLTooLargeError(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(_SafeLoader):
+    """SafeLoader that counts the values the composed document expands to (each alias counts its whole anchored
+    subtree again) and refuses it past MAX_YAML_VALUES before constructing anything. Aliases share node objects,
+    so the count is memoised per node: linear in the file, never in its expansion."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set(), depth=0)
+        return self.construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_nodes: set[int], depth: int) -> int:
+    if id(node) in memo:
+        return memo[id(node)]
+    if depth > MAX_YAML_DEPTH:
+        raise YAMLTooLargeError(f"it nests deeper than {MAX_YAML_DEPTH} levels; a recipe nests a few")
+    if id(node) in open_nodes:  # an alias inside its own anchor: an endless value
+        raise YAMLTooLargeError("an alias refers to a node that contains it (an endless value); remove the alias")
+    open_nodes.add(id(node))
+    children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
+    total = 1
+    for child in children:
+        for sub in (child if isinstance(node, yaml.MappingNode) else (child,)):  # mapping items are (key, value)
+            total += _expanded_size(sub, memo, open_nodes, depth + 1)
+    if total > MAX_YAML_VALUES:
+        raise YAMLTooLargeError(f"it expands to more than {MAX_YAML_VALUES:,} values (aliases `*name` repeating "
+                                "large blocks, or simply too much data); write the values out or shrink it")
+    open_nodes.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: the problem and where (PyYAML's own text spans several lines)."""
+    if isinstance(err, YAMLTooLargeError):
+        return str(err)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def safe_load_yaml(text: str | bytes) -> Any:
+    """yaml.safe_load with libyaml and the alias-expansion bound; raises yaml.YAMLError."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise RecipeError(f"override {dotted}=...: the key has an empty part; write a dotted field path such as "
+                          "rollout.n=4")
     node = tree
     for key in keys[:-1]:
         if key not in node or node[key] is None:
@@ -239,7 +332,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key.path=value (e.g. rollout.n=4)")
         key, _, text = item.partition("=")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text != "" else "")
+        try:
+            value = safe_load_yaml(text) if text != "" else ""
+        except yaml.YAMLError as err:
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise RecipeError(f"override of `{key.strip()}`: the value {shown!r} is not valid YAML: "
+                              f"{_yaml_problem(err)}; fix it, or quote it to pass it as text "
+                              f"({key.strip()}='\"{shown}\"')") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -272,6 +372,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f"did you mean `{'.'.join(loc[:-1] + close)}`?" if close else f"known keys here: {', '.join(known)}"
             lines.append(f"  - `{path}`: unknown key; {hint}")
+        elif e["type"] == "finite_number":
+            lines.append(f"  - `{path}`: got {bad_text}: must be a finite number (no .inf / .nan); give a number")
         elif e["type"] == "missing":
             lines.append(f"  - `{path}`: required field is missing; add it to the recipe")
         else:
@@ -283,11 +385,19 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 def load_recipe_dict(path: str, overrides: list[str] | None = None) -> dict:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file {path!r} not found; pass the path of a YAML recipe (see recipes/)")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from err
+    size = os.path.getsize(path)
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes (a few KB "
+                          "is typical): keep data in data.train_files, not in the recipe")
+    with open(path, "rb") as f:
+        text = f.read(MAX_RECIPE_BYTES + 1)
+    if len(text) > MAX_RECIPE_BYTES:  # grew since, or not a regular file
+        raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES:,} bytes; pass a recipe file of a few KB")
+    try:
+        raw = safe_load_yaml(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping at the top level, got {type(raw).__name__}")
     return apply_overrides(raw, overrides or [])

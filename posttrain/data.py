@@ -26,7 +26,22 @@ def _load_rows(path: str) -> list[dict]:
         raise DatasetError(f"cannot read dataset {path}: {type(err).__name__}: {str(err)[:400]}. Each line must be "
                            "a JSON object with `prompt`, `data_source`, `reward_model.ground_truth`; fields must "
                            "keep one type across rows (store mixed ground truths as JSON strings)") from None
-    return ds.to_list()
+    try:
+        return ds.to_list()
+    except UnicodeDecodeError:  # arrow keeps the raw bytes; decoding fails only here, for the whole file
+        raise _name_undecodable_row(ds, path) from None
+
+
+def _name_undecodable_row(ds, path: str) -> DatasetError:
+    """The first row whose text is not UTF-8 (rows decoded one at a time: slow, but only on this error path)."""
+    for i in range(len(ds)):
+        try:
+            ds[i]
+        except UnicodeDecodeError as err:
+            bad = err.object[err.start:err.end].hex(" ")
+            return DatasetError(f"{path} row {i + 1}: text is not valid UTF-8 (bytes {bad}); re-save the file as "
+                                "UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the row")
+    return DatasetError(f"{path}: text is not valid UTF-8; re-save the file as UTF-8")
 
 
 def validate_row(row: dict, where: str) -> dict:
