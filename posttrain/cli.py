@@ -76,14 +76,16 @@ def _is_safe(key: str) -> bool:
 
 def _decide_resume(recipe, run_dir: str, allowed: list[str]) -> str | None:
     """Same recipe in RUN_DIR → resume from its latest complete checkpoint. A changed recipe is refused, naming
-    the changed keys, unless every changed key is safe and allowed with --allow-change."""
+    the changed keys, unless every changed key is safe and allowed with --allow-change. A run stopped before its
+    first checkpoint is checked the same way (against its config.yaml), and a folder that is not a run is refused:
+    a run would overwrite its config.yaml, metrics.jsonl and summary.json."""
     from posttrain import checkpoint as ckpt
     from posttrain.config import RecipeError, recipe_to_dict
 
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
+    latest = ckpt.latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    previous = ckpt.load_driver_state(latest).get("recipe", {}) if latest else _recipe_before_checkpoint(run_dir)
+    if previous is None:
         return None
-    previous = ckpt.load_driver_state(latest).get("recipe", {})
     changed = sorted(_diff_keys(previous, recipe_to_dict(recipe)))
     refused = [k for k in changed if not (_is_safe(k) and any(k == a or k.startswith(a + ".") for a in allowed))]
     if refused:
@@ -94,6 +96,34 @@ def _decide_resume(recipe, run_dir: str, allowed: list[str]) -> str | None:
                 " ".join(f"--allow-change {k}" for k in refused))
         raise RecipeError(f"{run_dir} holds a run of a different recipe (changed: {', '.join(refused)}); {hint}")
     return latest
+
+
+# What a folder may hold and still count as empty: the lock files of a start refused or killed before writing.
+_LOCK_FILES = ("run.lock", "run.pid")
+
+
+def _recipe_before_checkpoint(run_dir: str) -> dict | None:
+    """The recipe of a run in RUN_DIR that has no checkpoint yet (its config.yaml); None for a new or empty
+    folder. Raises RecipeError for a folder that holds something else."""
+    from posttrain.config import RecipeError, safe_load_yaml
+
+    if not os.path.lexists(run_dir):
+        return None
+    if not os.path.isdir(run_dir):
+        raise RecipeError(f"--run-dir {run_dir} is a file, not a folder; pass a new or empty folder")
+    found = sorted(set(os.listdir(run_dir)) - set(_LOCK_FILES))
+    if not found:
+        return None
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), "rb") as f:
+            previous = safe_load_yaml(f.read())
+    except (OSError, ValueError):  # no config.yaml, or not one written by posttrain (yaml.YAMLError is a ValueError)
+        previous = None
+    if not isinstance(previous, dict) or "algorithm" not in previous:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise RecipeError(f"--run-dir {run_dir} is not empty and holds no posttrain run (it has {shown}); a run "
+                          "would overwrite files there: pass a new or empty folder as --run-dir")
+    return previous
 
 
 def _diff_keys(a, b, prefix: str = "") -> list[str]:
@@ -117,15 +147,27 @@ def cmd_run(args) -> int:
     except (RecipeError, RewardSpecError, RuntimeError) as err:
         _print_err(str(err))
         return 2
-    os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        _print_err(_run_dir_problem(run_dir, err))
+        return 2
     from posttrain.runlock import RunLock, RunLockedError
     try:
+        os.makedirs(run_dir, exist_ok=True)
         lock = RunLock(run_dir)
     except RunLockedError as err:
         _print_err(str(err))
         return 2
+    except OSError as err:
+        _print_err(_run_dir_problem(run_dir, err))
+        return 2
     with lock:
         return _run_locked(args, recipe, run_dir, resume_from)
+
+
+def _run_dir_problem(run_dir: str, err: OSError) -> str:
+    where = f" ({err.filename})" if err.filename and err.filename != run_dir else ""
+    return (f"cannot use --run-dir {run_dir}: {err.strerror or err}{where}; pass a folder you can write to, "
+            "e.g. --run-dir runs/NAME")
 
 
 def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:

@@ -239,13 +239,18 @@ def main(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         print(f"posttrain score: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_USAGE
+    if args.output != "-":
+        problem = _output_problem(args.input, args.output)
+        if problem:
+            print(f"posttrain score: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     from rewards._pool import default_worker_count
     workers = args.workers or default_worker_count()
 
     started = time.perf_counter()
     summary = Summary()
     scorer = _Scorer(args.reward, kwargs, workers)
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    out = sys.stdout if args.output == "-" else _OutputFile(args.output)
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -262,17 +267,68 @@ def main(args: argparse.Namespace) -> int:
                 _write_chunk(window.popleft(), scorer, out, summary, progress)
         while window:
             _write_chunk(window.popleft(), scorer, out, summary, progress)
+        if out is not sys.stdout:
+            out.commit()
     finally:
         if progress is not None:
             progress.close()
         if out is not sys.stdout:
-            out.close()
+            out.discard()  # nothing left to discard after commit()
         else:
             out.flush()
         scorer.close()
     for line in summary.lines(args.reward, time.perf_counter() - started):
         print(line, file=sys.stderr)
     return EXIT_MALFORMED_LINES if summary.malformed else EXIT_OK
+
+
+def _output_problem(input_path: str, output_path: str) -> str | None:
+    """Why `-o output_path` cannot be written, or None. The input itself is refused by real path (a symlink or
+    another spelling of the same file included): it would be emptied before it is read."""
+    target = os.path.realpath(output_path)
+    if input_path != "-" and (target == os.path.realpath(input_path)
+                              or (os.path.exists(target) and os.path.samefile(target, input_path))):
+        stem = os.path.splitext(input_path)[0]
+        return (f"-o {output_path} is the input file {input_path}; scoring it in place would destroy the input: "
+                f"pass another output path, e.g. -o {stem}.scored.jsonl")
+    if os.path.isdir(target):
+        return f"-o {output_path} is a folder; pass a file path such as {os.path.join(output_path, 'scored.jsonl')}"
+    if not os.path.isdir(os.path.dirname(target)):
+        return f"-o {output_path}: folder {os.path.dirname(target)} does not exist; create it or pass another path"
+    return None
+
+
+class _OutputFile:
+    """Scored lines go to a temporary file beside the output, renamed over it by commit() once every line is
+    written: an interrupted or failed run leaves any previous output untouched and no half-written file."""
+
+    def __init__(self, path: str):
+        import tempfile
+        self.target = os.path.realpath(path)  # through a symlink: replace the file it names, not the link
+        folder, name = os.path.split(self.target)
+        fd, self.tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        self.handle = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.handle.write(text)
+
+    def commit(self) -> None:
+        self.handle.close()
+        if os.path.exists(self.target):
+            mode = os.stat(self.target).st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # what open(path, "w") would have given (mkstemp makes it 0600)
+        os.chmod(self.tmp_path, mode)
+        os.replace(self.tmp_path, self.target)
+        self.tmp_path = None
+
+    def discard(self) -> None:
+        if self.tmp_path is not None:
+            self.handle.close()
+            os.unlink(self.tmp_path)
+            self.tmp_path = None
 
 
 def _write_chunk(entry, scorer: _Scorer, out, summary: Summary, progress) -> None:
