@@ -6,7 +6,12 @@ only works on the main thread — verl hung on exactly this. The only interrupti
 killing the process doing the work. So:
 
 * each call borrows one idle worker process (starting one when fewer than `max_workers` live),
-  sends it `(task, args)` over a pipe and waits at most `timeout_s` wall-clock seconds;
+  sends it `(task, args)` over a pipe and lets it run until it has used `timeout_s` seconds of CPU
+  time, or `max_wall_s` wall-clock seconds have passed (default 5 x `timeout_s`), whichever is first.
+  CPU time, not wall time, because on a busy machine (load average 5 on 2 cores) a worker waits for a
+  core most of the time: a wall-clock limit of 2 s turned correct answers that need 0.3 s of CPU into
+  time-outs. Input that never terminates burns CPU, so it still hits the CPU limit; a worker that gets
+  no CPU at all still ends at the wall cap;
 * on time-out (or a crash, or a MemoryError) the worker is SIGKILLed and forgotten; the next call
   that needs a worker starts a fresh one (~10 ms: forked from a "zygote" process that imported
   sympy and Math-Verify once);
@@ -30,6 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -41,14 +47,37 @@ DEFAULT_PRELOAD = ("sympy", "math_verify", "rewards.matheq")
 DEFAULT_WARMUP = "rewards.matheq:warm_up"
 DEFAULT_MEMORY_LIMIT_MB = 3072
 WORKERS_ENV = "POSTTRAIN_VERIFY_WORKERS"
+# Wall-clock cap of one call, as a multiple of its CPU-time limit: how much starvation we wait out.
+DEFAULT_MAX_WALL_FACTOR = 5.0
 
 
 @dataclasses.dataclass
 class Outcome:
-    """What happened to one call: status is "ok", "error", "timeout", "memory" or "crashed"."""
+    """What happened to one call: status is "ok", "error", "timeout", "memory" or "crashed";
+    wall_s / cpu_s: the call's wall-clock time and its worker's CPU time (None where unmeasured)."""
     status: str
     value: Any = None
     error: str | None = None
+    wall_s: float | None = None
+    cpu_s: float | None = None
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process `pid` (Linux /proc); None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return None
+    # Fields after the ")" that closes the command name: state is [0], utime [11], stime [12].
+    fields = stat.rsplit(b")", 1)[-1].split()
+    try:
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (IndexError, ValueError):
+        return None
 
 
 def default_worker_count() -> int:
@@ -243,8 +272,8 @@ def _zygote_main() -> None:
 
 
 class KillablePool:
-    """A bounded set of reusable worker processes; `call` never takes longer than its timeout
-    (plus any wait for a free worker, itself bounded by the other calls' timeouts)."""
+    """A bounded set of reusable worker processes; `call` never takes longer than its wall cap
+    (plus any wait for a free worker, itself bounded by the other calls' caps)."""
 
     def __init__(self, max_workers: int | None = None, memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
                  preload: tuple[str, ...] = DEFAULT_PRELOAD, warmup: str | None = DEFAULT_WARMUP):
@@ -260,21 +289,42 @@ class KillablePool:
         self._closed = False
         self.kills = 0  # workers killed for time-out, crash or memory: a health counter
 
-    def call(self, task: str, args: tuple, timeout_s: float) -> Outcome:
-        """Run `task` ("module:function") on `args` in a worker; never raises for the task's sake."""
+    def call(self, task: str, args: tuple, timeout_s: float, max_wall_s: float | None = None) -> Outcome:
+        """Run `task` ("module:function") on `args` in a worker; never raises for the task's sake.
+
+        The worker is killed once it has used `timeout_s` seconds of CPU time or `max_wall_s`
+        (default DEFAULT_MAX_WALL_FACTOR x timeout_s) seconds of wall time have passed. Where the
+        worker's CPU time cannot be read (no /proc), wall time stands in for it."""
+        max_wall_s = max(max_wall_s if max_wall_s is not None else DEFAULT_MAX_WALL_FACTOR * timeout_s, timeout_s)
         worker = self._acquire()
         healthy = False
         try:
+            started, cpu_at_start = time.monotonic(), process_cpu_seconds(worker.pid)
             worker.conn.send((task, args))
-            if not worker.conn.poll(timeout_s):
-                return Outcome("timeout", error=f"no result within {timeout_s:g}s")
+            wait_s, cpu_used = timeout_s, 0.0
+            while not worker.conn.poll(wait_s):
+                # Sleep until the CPU budget could be spent at the earliest (it cannot run faster
+                # than wall time), so an ordinary call costs no polling at all.
+                wall_used = time.monotonic() - started
+                cpu_now = process_cpu_seconds(worker.pid)
+                cpu_used = wall_used if cpu_at_start is None or cpu_now is None else cpu_now - cpu_at_start
+                if cpu_used >= timeout_s or wall_used >= max_wall_s:
+                    limit = (f"{timeout_s:g}s of CPU time" if cpu_used >= timeout_s
+                             else f"{max_wall_s:g}s of wall time")
+                    return Outcome("timeout", error=f"no result within {limit}", wall_s=wall_used, cpu_s=cpu_used)
+                wait_s = min(max(timeout_s - cpu_used, 0.02), max_wall_s - wall_used)
             status, value, error = worker.conn.recv()
             healthy = status != "memory"
-            return Outcome(status, value, error)
+            return Outcome(status, value, error, wall_s=time.monotonic() - started)
         except (EOFError, OSError) as err:
             return Outcome("crashed", error=f"worker died: {type(err).__name__}")
         finally:
             self._release(worker, healthy)
+
+    def idle_worker_pids(self) -> list[int]:
+        """Process ids of the idle workers (for health checks, and for tests that starve them)."""
+        with self._cond:
+            return [worker.pid for worker in self._idle]
 
     def close(self) -> None:
         with self._cond:

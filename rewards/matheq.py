@@ -3,14 +3,17 @@
 Pipeline (each step a pure function below, except the last):
 1. `extract_final_answer`: the last `<answer>...</answer>` block if there is one, and inside it (or
    the whole completion) the last balanced `\\boxed{...}` / `\\fbox{...}`, else the text after the
-   last "answer is" / "Answer:", else the whole completion if it is one short line. Never the last
-   number in the text: a completion without a final answer scores 0 ("no_answer").
-2. `normalise_answer`: strip math delimiters, trailing punctuation, unicode math, thousands
-   separators, plain scientific notation.
+   last "answer is" / "Answer:" / GSM8K's "####", else the whole completion if it is one short line.
+   Never the last number in the text: a completion without a final answer scores 0 ("no_answer").
+   Every step is linear in the completion's length (it runs outside the killable worker).
+2. `normalise_answer`: strip math delimiters, trailing punctuation, unicode math, LaTeX spacing,
+   synonymous commands (`\\dfrac` → `\\frac`, `\\leqslant` → `\\le`, ...), unit words after a
+   number, thousands separators, plain scientific notation.
 3. Exact fast paths that need no sympy: plain numbers (exact rational comparison, `x = 3` → 3,
    `50%` = 50 = 0.5 but never 0.5 = 50), multiple-choice letters, text answers.
 4. Everything else goes to Math-Verify (parse + verify, on sympy) inside a killable worker process
-   (rewards._pool) with a wall-clock limit, so `\\boxed{9^{9^{9^{9}}}}` costs at most `timeout_s`.
+   (rewards._pool) with a CPU-time limit (and a wall-clock cap), so `\\boxed{9^{9^{9^{9}}}}` costs
+   at most `timeout_s` of CPU, and a busy machine does not turn a right answer into a time-out.
 
 Why Math-Verify: it is the best-measured open verifier (sets vs tuples, intervals, matrices,
 relations, units, percentages, its asymmetry rules), kept up by Hugging Face and itself built on
@@ -36,10 +39,14 @@ _MAX_FAST_DIGITS = 200  # longer numerals go to sympy (inside the killable worke
 # 1. Extraction
 # ---------------------------------------------------------------------------------------------
 
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
-# "the answer is", "final answer is:", "Answer:", "**Final Answer:**", "answer is: ..."
-_ANCHOR_RE = re.compile(r"\b(?:final\s+)?answer(?:\s*\*\*)?\s*(?:is(?![\w'’])\s*:?|:)(?:\s*\*\*)?", re.IGNORECASE)
+_BOXED_TOKEN_RE = re.compile(r"\s*([^\s$]+)")
+# "the answer is", "final answer is:", "Answer:", "**Final Answer:**", "answer is: ...", and GSM8K's
+# "#### 72" (verl's GSM8K preprocessing asks the model for exactly this).
+_ANCHOR_RE = re.compile(r"\b(?:final\s+)?answer(?:\s*\*\*)?\s*(?:is(?![\w'’])\s*:?|:)(?:\s*\*\*)?|####",
+                        re.IGNORECASE)
 _LEADING_MATH_RE = re.compile(r"\s*(?:\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\])", re.DOTALL)
 
 
@@ -65,6 +72,26 @@ def matching_braces(text: str) -> dict[int, int]:
     return pairs
 
 
+def last_answer_block(text: str) -> str | None:
+    """Content of the last complete `<answer>...</answer>` block, or None.
+
+    Found from the last `</answer>` backwards, in linear time: a lazy `<answer>(.*?)</answer>` regex
+    rescans the rest of the text from every unclosed `<answer>` (10,000 of them took 23 s).
+    """
+    last_close = None
+    for last_close in _ANSWER_CLOSE_RE.finditer(text):
+        pass
+    if last_close is None:
+        return None
+    opening = None
+    for opening in _ANSWER_OPEN_RE.finditer(text, 0, last_close.start()):
+        pass
+    if opening is None:
+        return None
+    first_close = _ANSWER_CLOSE_RE.search(text, opening.end())  # "<answer>1</answer> 2</answer>" → "1"
+    return text[opening.end():first_close.start()]
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last well-formed `\\boxed{...}` or `\\fbox{...}` (nested braces allowed),
     or of a trailing `\\boxed 5` (no braces). None when there is none."""
@@ -73,7 +100,7 @@ def last_boxed(text: str) -> str | None:
     pairs: dict[int, int] | None = None
     for match in reversed(list(_BOXED_RE.finditer(text))):
         if match.group(1) is None:  # `\boxed 5`: the next whitespace-free token
-            token = re.match(r"\s*([^\s$]+)", text[match.end():])
+            token = _BOXED_TOKEN_RE.match(text, match.end())  # no slicing: linear over many `\boxed $`
             if token:
                 return token.group(1)
             continue
@@ -86,41 +113,41 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _after_anchor(text: str) -> str | None:
-    """Text following the last "answer is" / "Answer:" anchor, cut at the end of its line/sentence."""
+def _after_anchor(text: str) -> tuple[str, str] | None:
+    """(text following the last "answer is" / "Answer:" / "####" anchor, cut at the end of its
+    line/sentence; "answer_is" or "gsm8k"), or None without an anchor."""
     last = None
     for last in _ANCHOR_RE.finditer(text):
         pass
     if last is None:
         return None
+    method = "gsm8k" if last.group().startswith("#") else "answer_is"
     rest = text[last.end():]
     math_env = _LEADING_MATH_RE.match(rest)
     if math_env:
-        return next(group for group in math_env.groups() if group is not None)
+        return next(group for group in math_env.groups() if group is not None), method
     rest = rest.lstrip().split("\n", 1)[0]
     # A sentence ends at ". " (not at the point of 3.5).
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]
-    return rest.strip()
+    return rest.strip(), method
 
 
 def extract_final_answer(completion: str, bare_answer_max_chars: int = DEFAULT_BARE_ANSWER_MAX_CHARS
                          ) -> tuple[str | None, str]:
-    """Return (answer, method) with method in boxed / answer_is / answer_tag / bare / none.
+    """Return (answer, method) with method in boxed / answer_is / gsm8k / answer_tag / bare / none.
 
     The last `<answer>` block, when present, is the only region searched: text outside it cannot
     contribute an answer. No fallback to "the last number in the text".
     """
-    region = completion
-    tags = _ANSWER_TAG_RE.findall(completion)
-    if tags:
-        region = tags[-1]
+    tagged = last_answer_block(completion)
+    region = completion if tagged is None else tagged
     boxed = last_boxed(region)
     if boxed is not None:
         return boxed, "boxed"
     anchored = _after_anchor(region)
     if anchored is not None:
-        return anchored, "answer_is"
-    if tags:
+        return anchored
+    if tagged is not None:
         return region, "answer_tag"
     stripped = completion.strip()
     if stripped and "\n" not in stripped and len(stripped) <= bare_answer_max_chars:
@@ -136,10 +163,60 @@ _UNICODE_MATH = {
     "π": r"\pi ", "∞": r"\infty ", "−": "-", "–": "-", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ",
     "√": r"\sqrt ", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "°": r"^\circ ", "∪": r"\cup ", "½": "1/2",
 }
-_THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:(?:,|\{,\}|\\,|\\ |\\!|\s)\d{3})+(?:\.\d+)?$")
+# A leading group of 1-3 digits not starting with 0: "0,111" is a decimal comma (0.111), never 111.
+_THOUSANDS_RE = re.compile(r"^-?[1-9]\d{0,2}(?:(?:,|\{,\}|\\,|\\ |\\!|\s)\d{3})+(?:\.\d+)?$")
 _SEPARATOR_RE = re.compile(r",|\{,\}|\\,|\\ |\\!|\s")
 _SCIENTIFIC_RE = re.compile(r"^(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)$")
 _DELIMITERS = (("$$", "$$"), ("$", "$"), (r"\(", r"\)"), (r"\[", r"\]"))
+# Commands LaTeX writers use interchangeably for one symbol → the one form we compare.
+_SYNONYMS = {"dfrac": r"\frac", "tfrac": r"\frac", "leqslant": r"\le", "leq": r"\le", "geqslant": r"\ge",
+             "geq": r"\ge", "neq": r"\ne", "rightarrow": r"\to", "infinity": r"\infty", "lt": "<", "gt": ">"}
+# One left-to-right scan: `\\` (a matrix row break) is matched first so that `\\ ` is never read as `\ `.
+_LATEX_LAYOUT_RE = re.compile(
+    r"(\\\\)"                                                            # 1: row break, kept
+    r"|(\\!)"                                                              # 2: negative thin space
+    r"|(\\[,;: ]|\\(?:q?quad|enspace|thinspace|medspace|thickspace)(?![A-Za-z])|~)"  # 3: spacing
+    r"|\\(" + "|".join(sorted(_SYNONYMS, key=len, reverse=True)) + r")(?![A-Za-z])"     # 4: synonym
+    r"|(\\(?:left|right)(?![A-Za-z])\s*\.?)"                               # 5: sizing of delimiters
+    r"|\\(?:mathrm|mathit|operatorname)\s*\{\s*([A-Za-z])\s*\}")              # 6: `\mathrm{e}` → e
+# "961 dollars", "5 people", "12 cm": unit words after a plain number (not "5 or more", "2 pi").
+_UNIT_WORDS_RE = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?\s*(?:\\?%)?)\s+([A-Za-z]{2,}\.?(?:\s+[A-Za-z]{2,}\.?){0,2})$")
+_NOT_UNIT_WORDS = {"or", "and", "to", "plus", "minus", "times", "over", "divided", "by", "mod", "and", "not"}
+
+
+def canonical_latex(text: str) -> str:
+    """Spacing commands become spaces (`\\!` nothing), synonyms one form (`\\dfrac` → `\\frac`,
+    `\\leqslant` → `\\le`, `\\rightarrow` → `\\to`), `\\left(` → `(`, `\\mathrm{e}` → `e`."""
+    def replace(match: re.Match) -> str:
+        row_break, negative_space, spacing, synonym, sizing, roman_letter = match.groups()
+        if row_break:
+            return row_break
+        if spacing:
+            return " "
+        if synonym:
+            return _SYNONYMS[synonym] + " "  # the space keeps `\leq x` from becoming `\lex`
+        if roman_letter:
+            return roman_letter
+        return ""  # negative space, \left / \right
+    return _LATEX_LAYOUT_RE.sub(replace, text)
+
+
+def strip_unit_words(text: str) -> str:
+    """`961 dollars` → `961`; anything else unchanged."""
+    match = _UNIT_WORDS_RE.match(text)
+    if not match:
+        return text
+    words = {word.rstrip(".").lower() for word in match.group(2).split()}
+    if words & (_NOT_UNIT_WORDS | _MATH_WORDS):
+        return text
+    return match.group(1).strip()
+
+
+def layout_free(text: str) -> str:
+    """The answer without layout whitespace, for an identity check: LaTeX ignores spaces in math,
+    except between a control word and a letter (`\\to x` is not `\\tox`)."""
+    text = re.sub(r"\s+", " ", text.strip())
+    return re.sub(r"(?<![A-Za-z]) | (?![A-Za-z])", "", text)
 
 
 def normalise_answer(answer: str) -> str:
@@ -148,6 +225,7 @@ def normalise_answer(answer: str) -> str:
     for char, latex in _UNICODE_MATH.items():
         if char in text:
             text = text.replace(char, latex)
+    text = canonical_latex(text)
     changed = True
     while changed:  # peel wrappers in any order: "**$5$.**"
         changed = False
@@ -162,6 +240,9 @@ def normalise_answer(answer: str) -> str:
         changed = stripped != text
         text = stripped
     text = text.replace("\\$", "").replace("$", "")  # stray inline-math markers or currency: never part of the value
+    for currency in "€£¥":
+        text = text.replace(currency, "")
+    text = strip_unit_words(text.strip())
     if _THOUSANDS_RE.match(text):
         text = _SEPARATOR_RE.sub("", text)
     scientific = _SCIENTIFIC_RE.match(text)
@@ -180,6 +261,8 @@ _NUMBER_RE = re.compile(
     r"(-?)\s*(\d+(?:\.\d*)?|\.\d+)"                   # the numeral
     r"(?:\s*\\times\s*10\^\{?([+-]?\d{1,4})\}?)?"     # scientific notation (normalised form)
     r"\s*(\\?%)?$")
+# "1000,99" / "0,111": a decimal comma (thousands separators were already removed by normalise_answer).
+_DECIMAL_COMMA_RE = re.compile(r"^(-?)\s*(\d{1,50}),(\d{1,50})\s*(\\?%)?$")
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _MC_GOLD_RE = re.compile(r"^\(?\s*([A-J])\s*\)?$")
 _MC_PRED_RE = re.compile(r"^\(?\s*([A-Ja-j])\s*(?:\)|\.|:|(?=\s)|$)(.*)$", re.DOTALL)
@@ -242,7 +325,12 @@ def parse_plain_number(answer: str) -> tuple[Fraction, bool] | None:
     `1.5\\times 10^{-3}`; None for anything else (which then goes to sympy)."""
     match = _NUMBER_RE.match(answer.strip())
     if not match:
-        return None
+        decimal_comma = _DECIMAL_COMMA_RE.match(answer.strip())
+        if decimal_comma is None:
+            return None
+        sign, integer, fraction, percent = decimal_comma.groups()
+        value = Fraction(f"{integer}.{fraction}")
+        return (-value if sign else value), percent is not None
     sign, digits, exponent, percent = match.groups()
     if len(digits) > _MAX_FAST_DIGITS:
         return None
@@ -413,7 +501,9 @@ def symbolic_equal(gold: str, pred: str) -> tuple[bool, str | None]:
     _quiet_math_verify()
     gold_parsed = list(_parse_gold_cached(gold))
     pred_parsed = _parse_latex(pred)
-    if not gold_parsed:
+    if not any(isinstance(item, (Basic, MatrixBase)) for item in gold_parsed):
+        # Nothing, or only the text Math-Verify could not read (or a fragment of it, as for
+        # `1 - \frac{1}{\mathrm{e}}` before we rewrote `\mathrm{e}`): never score against that.
         return False, "gold_parse_error"
     if not pred_parsed:
         return False, "parse_error"
@@ -439,8 +529,9 @@ def warm_up() -> None:
 # The reward
 # ---------------------------------------------------------------------------------------------
 
-def reference_answers(ground_truth: Any) -> list[str] | None:
-    """The accepted reference answers as strings (a list means "any of these"); None if unusable."""
+def reference_answers(ground_truth: Any, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> list[str] | None:
+    """The accepted reference answers as strings (a list means "any of these"); None if unusable
+    (including a reference answer longer than `max_answer_chars`)."""
     items = list(ground_truth) if isinstance(ground_truth, (list, tuple)) else [ground_truth]
     if not items or len(items) > MAX_GROUND_TRUTHS:
         return None
@@ -451,8 +542,15 @@ def reference_answers(ground_truth: Any) -> list[str] | None:
         if isinstance(item, float) and not math.isfinite(item):
             return None
         text = item if isinstance(item, str) else repr(item)
-        boxed = last_boxed(text)  # a full reference solution: its boxed answer is the reference
-        text = normalise_answer(boxed if boxed is not None else text)
+        # A full reference solution: its boxed answer, or GSM8K's "#### 72", is the reference.
+        boxed = last_boxed(text)
+        if boxed is not None:
+            text = boxed
+        elif "####" in text:
+            text = text[text.rindex("####") + 4:].strip().split("\n", 1)[0]
+        if len(text) > max_answer_chars:  # checked before normalising: keeps the clean-up linear
+            return None
+        text = normalise_answer(text)
         if not text:
             return None
         answers.append(text)
@@ -468,18 +566,25 @@ def _result(score: float, method: str, extracted: str | None, failure: str | Non
     return result
 
 
-def _compare(gold: str, pred: str, timeout_s: float) -> tuple[bool, str | None]:
-    """One reference against one prediction: fast paths first, then the killable sympy worker."""
+def _compare(gold: str, pred: str, timeout_s: float, notes: dict[str, Any]) -> tuple[bool, str | None]:
+    """One reference against one prediction: fast paths first, then the killable sympy worker.
+    `notes` collects details worth logging (`cpu_starved`)."""
     letter = multiple_choice_letter(gold)
     if letter is not None:
         return predicted_letter(pred) == letter, None
     if is_text_answer(gold):
         return normalise_text(gold) == normalise_text(pred), None
+    if layout_free(gold) == layout_free(pred):  # the same LaTeX, even where sympy cannot read it (`x\to\infty`)
+        return True, None
     verdict = plain_values_equal(gold, pred)
     if verdict is not None:
         return verdict, None
     from rewards._pool import shared_pool
     outcome = shared_pool().call("rewards.matheq:symbolic_equal", (gold, pred), timeout_s)
+    if outcome.wall_s is not None and outcome.wall_s > timeout_s:
+        # The verifier took longer than its limit in wall time but not in CPU time: the machine
+        # was busy. Counted, so that a run can see how often the limit would have bitten.
+        notes["cpu_starved"] = True
     if outcome.status == "ok":
         return outcome.value
     kind = {"timeout": "timeout", "memory": "memory_limit", "crashed": "worker_crashed"}.get(
@@ -492,13 +597,15 @@ def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
                   bare_answer_max_chars: int = DEFAULT_BARE_ANSWER_MAX_CHARS) -> dict:
     """1.0 when the completion's final answer equals the reference (any of them, for a list), else 0.0.
 
-    Never raises and never waits longer than `timeout_s` per reference. Failure kinds (score 0):
+    Never raises. The verifier may use `timeout_s` seconds of CPU time per reference, and waits at
+    most 5 x `timeout_s` wall-clock seconds for it on a busy machine (detail `cpu_starved` when it
+    waited past `timeout_s`). Failure kinds (score 0):
     bad_input, bad_ground_truth, no_answer, answer_too_long, parse_error, gold_parse_error, timeout,
     memory_limit, worker_crashed.
     """
     if not isinstance(solution_str, str):
         return _result(0.0, "none", None, "bad_input")
-    golds = reference_answers(ground_truth)
+    golds = reference_answers(ground_truth, max_answer_chars)
     if golds is None:
         return _result(0.0, "none", None, "bad_ground_truth")
     raw_answer, method = extract_final_answer(solution_str, bare_answer_max_chars)
@@ -509,11 +616,9 @@ def compute_score(data_source: str | None, solution_str: str, ground_truth: Any,
     pred = normalise_answer(raw_answer)
     if not pred:
         return _result(0.0, method, raw_answer, "no_answer")
-    if any(len(gold) > max_answer_chars for gold in golds):
-        return _result(0.0, method, pred, "bad_ground_truth")
-    failure = None
+    failure, notes = None, {}
     for gold in golds:
-        equal, failure = _compare(gold, pred, timeout_s)
+        equal, failure = _compare(gold, pred, timeout_s, notes)
         if equal:
-            return _result(1.0, method, pred)
-    return _result(0.0, method, pred, failure)
+            return {**_result(1.0, method, pred), **notes}
+    return {**_result(0.0, method, pred, failure), **notes}
