@@ -11,20 +11,21 @@ carries "failure" there, e.g. "no_answer", "timeout"). Output order = input orde
 skipped. A line that is not a JSON object with those fields is reported on stderr as `line N: ...`
 and still gets an output line — {"line": N, "score": 0.0, "details": {"failure": "malformed_line",
 "error": ...}} — so no other line's result is lost; the exit status is then 3 (0 when every line was
-well formed). Scoring runs in `--workers` processes (default: all CPUs), with a progress bar and a
-summary (mean score, failures by kind) on stderr.
+well formed). Scoring runs in `--workers` worker processes (default: all CPUs), with a progress bar
+and a summary (mean score, failures by kind) on stderr. It uses the training runs' reward runner
+(posttrain/rewards_runner.py) and its failure rules: a reward that raises, hangs past --timeout-s,
+kills its worker (segfault), or returns a non-number or a score not finite in float32 scores that line
+0 with a counted reason (exception:Type, timeout, crash:worker_died, bad_result:..., non_finite); the
+other lines are scored and written.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterator
 
 EXIT_OK = 0
@@ -32,8 +33,6 @@ EXIT_USAGE = 2
 EXIT_MALFORMED_LINES = 3
 CHUNK_LINES = 32
 
-# Per scoring process, the reward (bound once by the pool initializer).
-_reward_fn = None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,6 +56,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write scored lines (default '-': stdout)")
     parser.add_argument("--workers", type=int, default=None,
                         help="scoring processes (default: the number of CPUs this process may use)")
+    parser.add_argument("--timeout-s", type=float, default=30.0,
+                        help="wall-clock seconds per line (default 30): lines go to workers in chunks; a chunk past the "
+                             "limit has its worker killed and its lines retried one by one, so only a line that "
+                             "alone exceeds it scores 0 with failure 'timeout'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -116,27 +119,8 @@ class Summary:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring (in worker processes, or in-process with --workers 1)
+# Reading
 # ---------------------------------------------------------------------------------------------
-
-def _init_worker(spec: str, kwargs: dict | None) -> None:
-    global _reward_fn
-    # Each scoring process already uses one CPU: give each one verifier process for the math
-    # reward (unless the user chose), so the machine is not oversubscribed N×N.
-    os.environ.setdefault("POSTTRAIN_VERIFY_WORKERS", "1")
-    from rewards import bind_reward
-    _reward_fn = bind_reward(spec, kwargs)
-
-
-def _score_chunk(chunk: list[tuple[int, dict]]) -> list[tuple[float, dict, str | None]]:
-    from rewards import call_reward
-    results = []
-    for _, record in chunk:
-        outcome = call_reward(_reward_fn, record.get("data_source") or "", record["completion"],
-                              record["ground_truth"], record.get("extra_info") or {})
-        results.append((outcome.score, outcome.details, outcome.failure))
-    return results
-
 
 def _read_lines(path: str) -> Iterator[tuple[int, str]]:
     stream = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")
@@ -155,61 +139,20 @@ def _count_lines(path: str) -> int | None:
         return sum(1 for line in handle if line.strip())
 
 
-def _chunks(path: str, malformed_out: list) -> Iterator[list[tuple[int, Any]]]:
-    """Chunks of (line number, record or error message); malformed lines travel as str."""
-    chunk: list[tuple[int, Any]] = []
+def _parsed_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, record or error message) per non-blank line; a malformed line travels as its message."""
     for number, raw in _read_lines(path):
-        if not raw.strip():
-            continue
-        record, error = parse_line(raw)
-        chunk.append((number, record if record is not None else error))
-        if len(chunk) >= CHUNK_LINES:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        if raw.strip():
+            record, error = parse_line(raw)
+            yield number, record if record is not None else error
 
 
-class _Scorer:
-    """Runs chunks in a process pool (or in-process); a crashed pool is rebuilt and the chunk
-    retried once, after which its lines score 0 with failure "scorer_crashed"."""
-
-    def __init__(self, spec: str, kwargs: dict | None, workers: int):
-        self.spec, self.kwargs, self.workers = spec, kwargs, workers
-        self.pool = self._new_pool() if workers > 1 else None
-        if self.pool is None:
-            _init_worker(spec, kwargs)
-
-    def _new_pool(self):
-        # spawn: a clean interpreter per worker, safe whatever threads the caller runs.
-        return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(self.spec, self.kwargs))
-
-    def submit(self, records: list[tuple[int, dict]]):
-        if self.pool is None:
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            future.set_result(_score_chunk(records))
-            return future
-        return self.pool.submit(_score_chunk, records)
-
-    def result(self, future, records) -> list[tuple[float, dict, str | None]]:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._new_pool()
-            try:
-                return self.pool.submit(_score_chunk, records).result()
-            except BrokenProcessPool:
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = self._new_pool()
-                return [(0.0, {"error": "the scoring process died on this chunk"}, "scorer_crashed")
-                        for _ in records]
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+def _preload_modules(spec: str) -> list[str]:
+    """The reward's module, imported once by the worker processes' forkserver (a worker killed for a time-out
+    is replaced without re-importing sympy)."""
+    from rewards.base import BUILTIN_REWARDS
+    target = BUILTIN_REWARDS.get(spec, spec).rpartition(":")[0]
+    return [] if not target or target.endswith(".py") else [target]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -239,6 +182,9 @@ def main(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         print(f"posttrain score: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.timeout_s > 0:
+        print(f"posttrain score: --timeout-s must be > 0, got {args.timeout_s}", file=sys.stderr)
+        return EXIT_USAGE
     if args.output != "-":
         problem = _output_problem(args.input, args.output)
         if problem:
@@ -247,26 +193,27 @@ def main(args: argparse.Namespace) -> int:
     from rewards._pool import default_worker_count
     workers = args.workers or default_worker_count()
 
+    from posttrain.rewards_runner import LocalProcesses, RewardFn, prepare_reward_servers, release_reward_servers
+    try:
+        (reward_fn,) = prepare_reward_servers([RewardFn(args.reward, 1.0, tuple(sorted((kwargs or {}).items())),
+                                                         None)])
+    except RewardSpecError as err:
+        print(f"posttrain score: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
     started = time.perf_counter()
     summary = Summary()
-    scorer = _Scorer(args.reward, kwargs, workers)
+    backend = LocalProcesses(workers, preload=_preload_modules(args.reward))
     out = sys.stdout if args.output == "-" else _OutputFile(args.output)
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
         progress = tqdm(total=_count_lines(args.input), unit="line", file=sys.stderr, dynamic_ncols=True)
     try:
-        window: collections.deque = collections.deque()
-        for chunk in _chunks(args.input, []):
-            records = [(n, item) for n, item in chunk if isinstance(item, dict)]
-            window.append((chunk, records, scorer.submit(records) if records else None))
-            # Enough chunks in flight that the other workers keep going while one waits out a
-            # slow answer's time limit (output order makes the writer wait for it), few enough
-            # to bound memory (16 chunks of 32 lines per worker).
-            while len(window) > 16 * workers:
-                _write_chunk(window.popleft(), scorer, out, summary, progress)
-        while window:
-            _write_chunk(window.popleft(), scorer, out, summary, progress)
+        for row in _scored_rows(args.input, reward_fn, backend, workers, args.timeout_s, summary):
+            out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            if progress is not None:
+                progress.update(1)
         if out is not sys.stdout:
             out.commit()
     finally:
@@ -276,7 +223,8 @@ def main(args: argparse.Namespace) -> int:
             out.discard()  # nothing left to discard after commit()
         else:
             out.flush()
-        scorer.close()
+        backend.close()
+        release_reward_servers()
     for line in summary.lines(args.reward, time.perf_counter() - started):
         print(line, file=sys.stderr)
     return EXIT_MALFORMED_LINES if summary.malformed else EXIT_OK
@@ -331,24 +279,41 @@ class _OutputFile:
             self.tmp_path = None
 
 
-def _write_chunk(entry, scorer: _Scorer, out, summary: Summary, progress) -> None:
-    chunk, records, future = entry
-    results = iter(scorer.result(future, records) if future is not None else [])
-    for number, item in chunk:
-        if isinstance(item, str):
-            print(f"line {number}: {item}", file=sys.stderr)
-            summary.malformed += 1
-            row = {"line": number, "score": 0.0, "details": {"failure": "malformed_line", "error": item}}
-        else:
-            score, details, failure = next(results)
-            details = dict(details)
-            if failure is not None:
-                details["failure"] = failure
-            summary.add(score, failure)
-            row = {**item, "score": score, "details": details}
-        out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    if progress is not None:
-        progress.update(len(chunk))
+def _scored_rows(path: str, reward_fn, backend, workers: int, timeout_s: float, summary: Summary) -> Iterator[dict]:
+    """Output rows in input order: well-formed lines go through the reward runner (which reads them lazily), a
+    malformed line gets its row, in its place, as soon as the lines before it are written."""
+    from posttrain.rewards_runner import score_stream
+
+    lines: collections.deque = collections.deque()  # (number, record or error) read but not yet written
+
+    def samples() -> Iterator[dict]:
+        for number, item in _parsed_lines(path):
+            lines.append((number, item))
+            if isinstance(item, dict):
+                yield {"data_source": item.get("data_source") or "", "solution": item["completion"],
+                       "ground_truth": item["ground_truth"], "extra_info": item.get("extra_info") or {}}
+
+    def malformed_row(number: int, error: str) -> dict:
+        print(f"line {number}: {error}", file=sys.stderr)
+        summary.malformed += 1
+        return {"line": number, "score": 0.0, "details": {"failure": "malformed_line", "error": error}}
+
+    # Enough lines read ahead that the other workers keep going while one waits out a slow answer's time
+    # limit (output order makes the writer wait for it), few enough to bound memory.
+    results = score_stream([reward_fn], samples(), backend, timeout_s=timeout_s, max_concurrency=workers,
+                           samples_per_task=CHUNK_LINES, max_pending=16 * CHUNK_LINES * workers)
+    for result in results:
+        while isinstance(lines[0][1], str):
+            yield malformed_row(*lines.popleft())
+        _, record = lines.popleft()
+        details = dict(result["details"].get(reward_fn.name, {}))
+        failure = result["failures"][0] if result["failures"] else None
+        if failure is not None:
+            details["failure"] = failure
+        summary.add(result["score"], failure)
+        yield {**record, "score": result["score"], "details": details}
+    while lines:
+        yield malformed_row(*lines.popleft())
 
 
 def _standalone_main(argv: list[str] | None = None) -> int:

@@ -860,3 +860,29 @@ async def compute_score_batch_async(data_sources: Sequence[str], solution_strs: 
     rt = _runtime()
     return await asyncio.wrap_future(rt.submit(_batch_coroutine(rt, cfg, solution_strs, ground_truths,
                                                                 extra_infos)))
+
+
+# ------------------------------------------------------------------------ lifecycle hooks (see rewards.base)
+
+def prepare_judge(judge_kwargs: dict) -> dict:
+    """Called once on the driver before any sample is judged. Checks the kwargs (a bad one stops the run's start,
+    instead of scoring every sample 0) and, with `serve_model_path`, starts the served judge (it takes longer to
+    start than a reward's time limit) and returns the kwargs with its base_url and model in place of
+    serve_model_path / serve_args, so every worker (a Ray task, a `posttrain score` process) reaches that one
+    server instead of starting its own."""
+    cfg = make_config(**judge_kwargs)
+    if judge_kwargs.get("serve_model_path") is None:
+        return judge_kwargs
+    kept = {k: v for k, v in judge_kwargs.items() if k not in ("serve_model_path", "serve_args")}
+    return {**kept, "base_url": cfg.base_url, "model": cfg.model}
+
+
+def release_judge() -> None:
+    """Stop the judges `prepare_judge` (or a worker) served; the served judge is detached under Ray."""
+    from rewards.judge_server import shutdown_served_judges
+    shutdown_served_judges()
+
+
+for _entry in (compute_score, compute_score_async):
+    _entry.prepare, _entry.release = prepare_judge, release_judge
+del _entry
