@@ -1,12 +1,18 @@
-"""GSPO: Group Sequence Policy Optimization (Zheng et al., Qwen team, 2025) — ALGORITHMS.md §1.
+"""GSPO: Group Sequence Policy Optimization (Zheng et al., Qwen team, 2025) — docs/algorithms.md §1.
 
 What it is: PPO-style clipped policy gradient whose importance ratio is the *per-sequence* geometric mean of
 the token ratios, with GRPO group-normalised outcome advantages and no value model. Because the ratio is a
 geometric mean over |y| tokens, the clip range is tiny (3e-4 / 4e-4) compared with PPO's 0.2.
 
+The pieces are public because MOPD's RL mix (posttrain.algorithms.mopd) reuses them:
+  sequence_log_ratio → gspo_token_log_ratio → clipped_ratio_objective → gspo_token_loss (per token) → sequence_mean.
+`gspo_loss` composes them and adds the metrics.
+
 Pure torch, no I/O. Shapes: N sequences, T padded response length.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -52,6 +58,61 @@ def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask:
     return ((logprobs - old_logprobs) * mask).sum(-1) / lengths
 
 
+def gspo_token_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO-token:  log s_i,t = sg[log s_i] + log πθ(y_i,t) − sg[log πθ(y_i,t)].   [N,T] x3 → [N,T]
+
+    Its value is log s_i at every token (clamped at 10 so that a wild sequence cannot overflow exp); its
+    gradient is ∇log πθ(y_i,t), so with A_i,t = A_i the gradient equals sequence-level GSPO's.
+    """
+    log_seq_ratio = sequence_log_ratio(logprobs, old_logprobs.detach(), mask).clamp(max=_MAX_LOG_RATIO)   # [N]
+    return logprobs - logprobs.detach() + log_seq_ratio.detach().unsqueeze(-1)                         # [N,T]
+
+
+def clipped_ratio_objective(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float | None,
+                            clip_high: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic objective, elementwise:  min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A),  ρ = exp(log_ratio).
+
+    log_ratio and advantages of one shape (e.g. [N,T] or [N,T,k]); a None bound is no bound on that side
+    (both None: no clip). Returns (objective, clipped) where clipped marks the elements whose clipped branch
+    is the active (smaller) one and differs from the unclipped.
+    """
+    ratio = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
+    unclipped = ratio * advantages
+    if clip_low is None and clip_high is None:
+        return unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    low = 1.0 - (clip_low if clip_low is not None else math.inf)
+    high = 1.0 + (clip_high if clip_high is not None else math.inf)
+    clipped = torch.clamp(ratio, min=low, max=high) * advantages
+    return torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def gspo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> torch.Tensor:
+    """Per-token GSPO loss  ℓ_i,t = −min( s_i,t A_i,t , clip(s_i,t, 1−ε_low, 1+ε_high) A_i,t ).   → [N,T]
+
+    logprobs [N,T] (differentiable), old_logprobs [N,T] (π_old), mask [N,T], advantages [N] or [N,T].
+    Aggregate with `sequence_mean`; positions outside the mask hold values that the mean ignores.
+    """
+    advantages = advantages.detach().to(logprobs.dtype)
+    if advantages.ndim == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)                                   # [N,T]
+    objective, _ = clipped_ratio_objective(gspo_token_log_ratio(logprobs, old_logprobs, mask), advantages,
+                                           clip_low, clip_high)
+    return -objective
+
+
+def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(1/N') Σ_i (1/|M_i|) Σ_{t∈M_i} per_token[i,t]: each sequence counts once, whatever its length.  [N,T] → []
+
+    N' counts the sequences with at least one masked token (a fully masked row carries nothing).
+    """
+    mask_f = mask.to(per_token.dtype)
+    lengths = mask_f.sum(-1)                                                                   # [N]
+    per_sequence = (per_token * mask_f).sum(-1) / lengths.clamp(min=1.0)                      # [N]
+    has_tokens = (lengths > 0).to(per_token.dtype)
+    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+
 def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO loss = −J, J = (1/N) Σ_i  mean_t∈y_i  min( s_i,t A_i,t , clip(s_i,t, 1−ε_low, 1+ε_high) A_i,t ).
@@ -59,44 +120,41 @@ def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     logprobs [N,T] (differentiable, log πθ of the sampled tokens), old_logprobs [N,T] (π_old, detached),
     mask [N,T] (1 on policy-generated tokens), advantages [N] (sequence) or [N,T] (per token).
 
-    Written in the GSPO-token form, s_i,t = sg[s_i] · πθ(y_i,t) / sg[πθ(y_i,t)]: its value is s_i at every
-    token, and with A_i,t = A_i its gradient equals sequence-level GSPO's; it also accepts per-token advantages
-    (MOPD mixed with outcome rewards). Each sequence counts once whatever its length (token mean per sequence,
-    then mean over sequences).
+    Written in the GSPO-token form (`gspo_token_log_ratio`): its value is s_i at every token, and with
+    A_i,t = A_i its gradient equals sequence-level GSPO's; it also accepts per-token advantages (MOPD mixed
+    with outcome rewards). Each sequence counts once whatever its length (`sequence_mean`).
     Returns (loss scalar, metrics dict of floats).
     """
     if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
                          f"{tuple(mask.shape)} must all be [N,T]")
-    mask_f = mask.to(logprobs.dtype)
-    old_logprobs = old_logprobs.detach()
-    log_seq_ratio = sequence_log_ratio(logprobs, old_logprobs, mask_f).clamp(max=_MAX_LOG_RATIO)   # [N]
-    # GSPO-token: value log s_i, gradient ∇log πθ(y_i,t) at every token.
-    log_token_ratio = logprobs - logprobs.detach() + log_seq_ratio.detach().unsqueeze(-1)          # [N,T]
-    ratio = torch.exp(log_token_ratio)                                                             # [N,T]
-    adv = advantages.detach().to(logprobs.dtype)
-    adv = adv.unsqueeze(-1).expand_as(ratio) if adv.ndim == 1 else adv                             # [N,T]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    objective = torch.minimum(unclipped, clipped)                                                  # [N,T]
-    lengths = mask_f.sum(-1).clamp(min=1.0)
-    per_sequence = (objective * mask_f).sum(-1) / lengths                                          # [N]
-    has_tokens = (mask_f.sum(-1) > 0).to(logprobs.dtype)
-    loss = -(per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    loss = sequence_mean(gspo_token_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
+                                         clip_high=clip_high), mask)
+    return loss, gspo_metrics(logprobs, old_logprobs, advantages, mask, loss, clip_low=clip_low, clip_high=clip_high)
 
-    with torch.no_grad():
-        seq_ratio = torch.exp(log_seq_ratio)
-        # A token is clipped when the clipped branch is the active (smaller) one and differs from the unclipped.
-        clipped_tok = (clipped < unclipped) & (mask_f > 0)
-        seq_adv = (adv * mask_f).sum(-1) / lengths
-        valid = has_tokens > 0
-        n_valid = max(int(valid.sum()), 1)
-        metrics = {
-            "loss/policy": float(loss.detach()),
-            "loss/clip_frac": float(clipped_tok.any(-1)[valid].float().sum() / n_valid),
-            "loss/clip_frac_low": float(((seq_ratio < 1 - clip_low) & (seq_adv < 0))[valid].float().sum() / n_valid),
-            "loss/clip_frac_high": float(((seq_ratio > 1 + clip_high) & (seq_adv > 0))[valid].float().sum() / n_valid),
-            "loss/seq_ratio_mean": float(seq_ratio[valid].mean()) if valid.any() else 1.0,
-            "loss/seq_ratio_max": float(seq_ratio[valid].max()) if valid.any() else 1.0,
-        }
-    return loss, metrics
+
+@torch.no_grad()
+def gspo_metrics(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 loss: torch.Tensor, *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> dict[str, float]:
+    """The clip fractions and sequence-ratio statistics of one GSPO mini-batch (inputs as `gspo_loss`)."""
+    mask_f = mask.to(logprobs.dtype)
+    log_seq_ratio = sequence_log_ratio(logprobs, old_logprobs, mask_f).clamp(max=_MAX_LOG_RATIO)      # [N]
+    adv = advantages.detach().to(logprobs.dtype)
+    adv = adv.unsqueeze(-1).expand_as(logprobs) if adv.ndim == 1 else adv                          # [N,T]
+    _, clipped = clipped_ratio_objective(gspo_token_log_ratio(logprobs, old_logprobs, mask_f), adv,
+                                         clip_low, clip_high)
+    seq_ratio = torch.exp(log_seq_ratio)
+    lengths = mask_f.sum(-1).clamp(min=1.0)
+    seq_adv = (adv * mask_f).sum(-1) / lengths
+    valid = mask_f.sum(-1) > 0
+    n_valid = max(int(valid.sum()), 1)
+    # A sequence counts as clipped when any of its tokens takes the clipped branch.
+    clipped_seq = (clipped & (mask_f > 0)).any(-1)
+    return {
+        "loss/policy": float(loss.detach()),
+        "loss/clip_frac": float(clipped_seq[valid].float().sum() / n_valid),
+        "loss/clip_frac_low": float(((seq_ratio < 1 - clip_low) & (seq_adv < 0))[valid].float().sum() / n_valid),
+        "loss/clip_frac_high": float(((seq_ratio > 1 + clip_high) & (seq_adv > 0))[valid].float().sum() / n_valid),
+        "loss/seq_ratio_mean": float(seq_ratio[valid].mean()) if valid.any() else 1.0,
+        "loss/seq_ratio_max": float(seq_ratio[valid].max()) if valid.any() else 1.0,
+    }

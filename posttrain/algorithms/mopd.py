@@ -1,4 +1,4 @@
-"""MOPD: multi-teacher on-policy distillation, the pure math (ALGORITHMS.md §2).
+"""MOPD: multi-teacher on-policy distillation, the pure math (docs/algorithms.md §2).
 
 What it is. The student samples y ~ πθ; the routed teacher π_T scores the same token ids and returns its
 top-k. At each response position the candidates are the student's top-k ids (from π_old, the student at
@@ -30,19 +30,25 @@ and the student learns nothing from the teacher. That literal form is kept only 
     replaced by +λ_rep · b · log πθ(y_t) in the loss. Off by default (λ_rep = 0).
   - Optional RL mix: + α · (GSPO-token loss with the outcome advantage A_i); α = 0 by default.
 
+The loss as code. Each term is a pure per-token function (`distillation_term`, `empty_overlap_fallback_term`,
+`repetition_term`, and for the RL mix gspo.gspo_token_loss itself); `mopd_objective` weights them, decides
+where each applies and averages with gspo.sequence_mean; `mopd_metrics` computes the diagnostics beside it.
+The trainer passes two objects: `MOPDLossSettings` (frozen, from the recipe) and `MOPDBatch` (the step's
+tensors). `mopd_loss` keeps the pre-split flat signature on top of them.
+
 Shapes: N sequences, T padded response length, k student top-k width, k_T teacher top-k width.
 Everything is pure torch, no I/O. Metric keys carry the `mopd/` namespace of metrics.jsonl.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-# Ratios are exp(log πθ − log π_old); a wild candidate far outside the clip range could overflow exp.
-# Same cap as gspo.py: it changes nothing while |log ρ| < 10.
-_MAX_LOG_RATIO = 10.0
+from posttrain.algorithms.gspo import clipped_ratio_objective, gspo_token_log_ratio, gspo_token_loss, sequence_mean
 
 # ---------------------------------------------------------------------------------------------------------
 # Advantages over the top-k overlap
@@ -97,7 +103,7 @@ def candidate_advantages(cand_mask: torch.Tensor, cand_old_logprobs: torch.Tenso
 def overlap_advantages(student_topk_ids: torch.Tensor, student_topk_logprobs: torch.Tensor,
                        teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-candidate MOPD advantages over the top-k overlap (ALGORITHMS.md §2.2).
+    """Per-candidate MOPD advantages over the top-k overlap (docs/algorithms.md §2.2).
 
     student_topk_ids, student_topk_logprobs: [N,T,k], the student's top-k under π_old (the candidates, in
     the given order); teacher_topk_ids, teacher_topk_logprobs: [N,T,k_T], the routed teacher's top-k.
@@ -157,7 +163,290 @@ def normalise_token_weights(raw_weights: torch.Tensor, mask: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loss
+# What the trainer passes: the loss settings and the batch's tensors
+# ---------------------------------------------------------------------------------------------------------
+
+LOSS_FORMS = ("per_candidate", "keye_literal")
+
+
+@dataclass(frozen=True)
+class MOPDLossSettings:
+    """The settings of the MOPD loss (recipe keys mopd.* and gspo.clip_low / clip_high). Frozen and picklable:
+    it travels to the trainer ranks. Defaults are pure MOPD with every option off.
+
+    loss_form               "per_candidate" (the objective) or "keye_literal" (the report's formula taken
+                            literally: an ablation with zero expected gradient, docs/algorithms.md §2.3)
+    clip_eps                per-candidate PPO clip ε of the distillation and fallback ratios (None: no clip)
+    empty_overlap_fallback  where Ω is empty, train the sampled token with the reverse-KL advantage
+    repetition_penalty      λ_rep ≥ 0 after the loop point τ_i (0: off)
+    rl_alpha                α ≥ 0, the weight of the GSPO outcome-advantage term (0: pure MOPD)
+    rl_clip_low, rl_clip_high   GSPO's ε_low, ε_high for that term
+    """
+    loss_form: str = "per_candidate"
+    clip_eps: float | None = None
+    empty_overlap_fallback: bool = False
+    repetition_penalty: float = 0.0
+    rl_alpha: float = 0.0
+    rl_clip_low: float = 3e-4
+    rl_clip_high: float = 4e-4
+
+    def __post_init__(self):
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
+        if self.clip_eps is not None and not self.clip_eps > 0:
+            raise ValueError(f"clip_eps must be > 0 (or None for no clip), got {self.clip_eps}")
+        if self.repetition_penalty < 0:
+            raise ValueError(f"repetition_penalty must be ≥ 0 (it pushes looping tokens down), "
+                             f"got {self.repetition_penalty}")
+        if self.rl_alpha < 0:
+            raise ValueError(f"rl_alpha must be ≥ 0, got {self.rl_alpha}")
+        if self.rl_clip_low < 0 or self.rl_clip_high < 0:
+            raise ValueError(f"rl_clip_low and rl_clip_high must be ≥ 0, got {self.rl_clip_low}, {self.rl_clip_high}")
+
+    @property
+    def needs_sampled_logprobs(self) -> bool:
+        """Whether the loss reads log πθ(y_t) of the sampled tokens (the trainer computes it only then)."""
+        return (self.loss_form == "keye_literal" or self.empty_overlap_fallback or self.repetition_penalty > 0
+                or self.rl_alpha > 0)
+
+
+_LONG_FIELDS = ("cand_ids", "loop_start", "teacher_index")
+_BOOL_FIELDS = ("cand_mask",)
+
+
+@dataclass(frozen=True, eq=False)
+class MOPDBatch:
+    """The per-batch tensors of the MOPD loss. All detached: the driver computes them once per step at θ_old.
+
+    Required:
+      mask [N,T]                     1 on policy-generated response tokens
+      cand_old_logprobs [N,T,k]      log π_old(v) at the candidates (the student's top-k under π_old)
+      cand_adv, cand_mask [N,T,k]    a_t(v) and v ∈ Ω, from `overlap_advantages`
+    Optional (None: off, or 1 for weights):
+      cand_ids [N,T,k] long          the candidates' token ids, where the trainer evaluates log πθ (the loss
+                                     itself does not read them)
+      token_weights [N,T]            c, the category weights (`normalise_token_weights`)
+      gate [N,T]                     b, the train/inference gate (`train_inference_gate`)
+      sampled_old_logprobs [N,T]     log π_old(y_t): fallback and RL terms, reverse-KL metric
+      sampled_teacher_logprobs [N,T] log π_T(y_t): fallback term, reverse-KL metric
+      loop_start [N] long            τ_i (token_categories.loop_starts); τ_i ≥ T or τ_i < 0: no loop
+      outcome_advantages [N]         A_i (gspo.group_advantages): RL mix
+      cand_teacher_logprobs [N,T,k]  log π_T at the candidates: teacher-mass-on-Ω metric only
+      teacher_index [N] long         the teacher each sequence was routed to: per-teacher metrics only
+    """
+    mask: torch.Tensor
+    cand_old_logprobs: torch.Tensor
+    cand_adv: torch.Tensor
+    cand_mask: torch.Tensor
+    cand_ids: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    sampled_old_logprobs: torch.Tensor | None = None
+    sampled_teacher_logprobs: torch.Tensor | None = None
+    loop_start: torch.Tensor | None = None
+    outcome_advantages: torch.Tensor | None = None
+    cand_teacher_logprobs: torch.Tensor | None = None
+    teacher_index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        cand_shape = tuple(self.cand_adv.shape)
+        if len(cand_shape) != 3:
+            raise ValueError(f"cand_adv must be [N,T,k], got {cand_shape}")
+        num_seqs, num_tokens, _ = cand_shape
+        expected = {"mask": (num_seqs, num_tokens), "cand_old_logprobs": cand_shape, "cand_mask": cand_shape,
+                    "cand_ids": cand_shape, "cand_teacher_logprobs": cand_shape,
+                    "token_weights": (num_seqs, num_tokens), "gate": (num_seqs, num_tokens),
+                    "sampled_old_logprobs": (num_seqs, num_tokens), "sampled_teacher_logprobs": (num_seqs, num_tokens),
+                    "loop_start": (num_seqs,), "outcome_advantages": (num_seqs,), "teacher_index": (num_seqs,)}
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                layout = {2: "[N,T]", 1: "[N]", 3: "[N,T,k]"}[len(shape)]
+                raise ValueError(f"MOPD batch: {name} must be {layout} = {shape} (from cand_adv {cand_shape}), "
+                                 f"got {tuple(value.shape)}")
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, object], *, device: torch.device | str | None = None,
+                    float_dtype: torch.dtype = torch.float32) -> "MOPDBatch":
+        """From the driver's arrays (numpy or tensors, keyed by field name): ids and τ as long, cand_mask as bool,
+        the rest as float_dtype. An unknown key is an error (a misspelt key must not silently mean "off")."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(arrays) - fields)
+        if unknown:
+            raise ValueError(f"MOPD batch: unknown array(s) {unknown}; the known names are {sorted(fields)}")
+
+        def dtype_of(name: str) -> torch.dtype:
+            return torch.long if name in _LONG_FIELDS else torch.bool if name in _BOOL_FIELDS else float_dtype
+        return cls(**{name: torch.as_tensor(value, dtype=dtype_of(name), device=device)
+                      for name, value in arrays.items() if value is not None})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss as per-token terms (each pure; the composition decides where each applies and how it is weighted)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def distillation_term(cand_logprobs: torch.Tensor, cand_old_logprobs: torch.Tensor, cand_adv: torch.Tensor,
+                      cand_mask: torch.Tensor, *, clip_eps: float | None = None) -> torch.Tensor:
+    """One term per candidate in Ω (docs/algorithms.md §2.2).   cand_* [N,T,k] → [N,T]
+
+        ℓ_distill[i,t] = −Σ_{v∈Ω} a_t(v)·ρ_t(v),        ρ_t(v) = exp(log πθ(v) − log π_old(v))
+        (clip_eps = ε: −Σ_{v∈Ω} min(a·ρ, a·clip(ρ, 1−ε, 1+ε)), PPO per candidate)
+
+    cand_logprobs is differentiable (topk/logprobs.chunked_logprobs_at); the rest are detached.
+    """
+    cand_old = cand_old_logprobs.detach().to(cand_logprobs.dtype)
+    cand_adv = cand_adv.detach().to(cand_logprobs.dtype)
+    cand_mask = cand_mask.bool()
+    zeros = torch.zeros_like(cand_old)
+    # Outside Ω the log-ratio is zeroed before exp so that no inf/NaN can leak into the gradient.
+    cand_log_ratio = torch.where(cand_mask, cand_logprobs - cand_old, zeros)                # [N,T,k]
+    cand_obj, _ = clipped_ratio_objective(cand_log_ratio, cand_adv, clip_eps, clip_eps)      # a·ρ [N,T,k]
+    return -torch.where(cand_mask, cand_obj, torch.zeros_like(cand_obj)).sum(-1)
+
+
+def empty_overlap_fallback_term(sampled_logprobs: torch.Tensor, sampled_old_logprobs: torch.Tensor,
+                                sampled_teacher_logprobs: torch.Tensor, at: torch.Tensor, *,
+                                clip_eps: float | None = None) -> torch.Tensor:
+    """MiMo-style fallback on the sampled token where Ω is empty (docs/algorithms.md §2.6).   [N,T] → [N,T]
+
+        ℓ_fb[i,t] = −1[at]·A_y·ρ_y,    A_y = sg[log π_T(y_t) − log π_old(y_t)],  ρ_y = exp(log πθ(y_t) − log π_old(y_t))
+        (clip_eps = ε: −1[at]·min(A_y·ρ_y, A_y·clip(ρ_y, 1−ε, 1+ε)))
+
+    at [N,T] bool: where the fallback applies; elsewhere the term is exactly 0 with zero gradient.
+    """
+    dtype = sampled_logprobs.dtype
+    old_y = sampled_old_logprobs.detach().to(dtype)
+    teacher_y = sampled_teacher_logprobs.detach().to(dtype)
+    zeros = torch.zeros_like(old_y)
+    advantage = torch.where(at, teacher_y - old_y, zeros)                                    # A_y [N,T]
+    log_ratio = torch.where(at, sampled_logprobs - old_y, zeros)
+    objective, _ = clipped_ratio_objective(log_ratio, advantage, clip_eps, clip_eps)
+    return -torch.where(at, objective, torch.zeros_like(objective))
+
+
+def repetition_term(sampled_logprobs: torch.Tensor, past_loop: torch.Tensor) -> torch.Tensor:
+    """Localised repetition penalty (docs/algorithms.md §2.5).   [N,T] → [N,T]
+
+        ℓ_rep[i,t] = 1[t ≥ τ_i] · log πθ(y_t)
+
+    Minimising it lowers the probability of the looping tokens; before τ_i it is 0 (normal length is never
+    penalised).
+    """
+    return torch.where(past_loop, sampled_logprobs, torch.zeros_like(sampled_logprobs))
+
+
+def keye_literal_term(sampled_logprobs: torch.Tensor, weighted_state_advantage: torch.Tensor) -> torch.Tensor:
+    """ABLATION ONLY: the report's formula taken literally, ZERO EXPECTED GRADIENT (docs/algorithms.md §2.3).
+
+        ℓ_lit[i,t] = −(b·c·Â_i,t) · log πθ(y_i,t),     Â_i,t = Σ_{v∈Ω} a_t(v)   (state-only, detached)
+
+    sampled_logprobs [N,T] differentiable; weighted_state_advantage [N,T] = b·c·Â (the report's b·Â) → [N,T].
+    """
+    return -weighted_state_advantage.detach() * sampled_logprobs
+
+
+def past_loop_mask(loop_start: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """1[t ≥ τ_i] for τ_i ≥ 0 (τ_i < 0, τ_i ≥ T or loop_start None: no loop).   loop_start [N], mask [N,T] → bool [N,T]"""
+    if loop_start is None:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    starts = loop_start.to(positions.device).long()
+    return (positions.unsqueeze(0) >= starts.unsqueeze(-1)) & (starts >= 0).unsqueeze(-1)
+
+
+def _term_positions(batch: MOPDBatch, settings: MOPDLossSettings
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each term applies: (past_loop, distill_active, fallback_at), all bool [N,T].
+
+    Past τ_i the repetition penalty replaces distillation (when it is on); the fallback takes the positions
+    of distillation whose Ω is empty."""
+    past_loop = past_loop_mask(batch.loop_start, batch.mask)
+    penalise_loop = settings.repetition_penalty > 0 and batch.loop_start is not None
+    distill_active = ~past_loop if penalise_loop else torch.ones_like(past_loop)
+    empty_omega = ~batch.cand_mask.bool().any(-1)
+    fallback_at = (empty_omega & distill_active if settings.empty_overlap_fallback
+                   else torch.zeros_like(past_loop))
+    return past_loop, distill_active, fallback_at
+
+
+def _gate_and_weight(batch: MOPDBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """b [N,T] and w = b·c [N,T] (absent ones are 1)."""
+    ones = torch.ones_like(batch.mask, dtype=dtype)
+    category_weight = ones if batch.token_weights is None else batch.token_weights.detach().to(dtype)
+    gate = ones if batch.gate is None else batch.gate.detach().to(dtype)
+    return gate, gate * category_weight
+
+
+def _require(name: str, value, reason: str):
+    if value is None:
+        raise ValueError(f"MOPD loss: {name} is required when {reason}")
+    return value
+
+
+def mopd_objective(batch: MOPDBatch, settings: MOPDLossSettings, *, cand_logprobs: torch.Tensor | None,
+                   sampled_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The MOPD loss (docs/algorithms.md §2.7): the per-token terms, weighted, summed, each sequence counted once.
+
+        loss   = (1/N') Σ_i (1/|M_i|) Σ_{t∈M_i} ℓ_i,t                                        (gspo.sequence_mean)
+        ℓ_i,t  = w·1[t<τ_i]·ℓ_distill  + w·ℓ_fb  + λ_rep·b·ℓ_rep  + α·b·ℓ_GSPO-token,      w = b·c
+        (loss_form keye_literal: ℓ_i,t = ℓ_lit, the zero-gradient ablation)
+
+    cand_logprobs [N,T,k]: log πθ at batch.cand_ids, differentiable (None only for keye_literal);
+    sampled_logprobs [N,T]: log πθ(y_t), differentiable, required when settings.needs_sampled_logprobs.
+    Returns (loss scalar, {term: weighted per-token loss [N,T]}) in the order they are summed; terms that are
+    off are absent. Pass the dict to `mopd_metrics`.
+    """
+    if settings.loss_form == "keye_literal":
+        lp_y = _require("sampled_logprobs", sampled_logprobs, "loss_form='keye_literal'")
+        _, weight = _gate_and_weight(batch, lp_y.dtype)
+        state_adv = batch.cand_adv.detach().to(lp_y.dtype).sum(-1)                            # Â [N,T]
+        token_losses = {"keye_literal": keye_literal_term(lp_y, weight * state_adv)}
+        return sequence_mean(token_losses["keye_literal"], batch.mask), token_losses
+
+    cand_logprobs = _require("cand_logprobs", cand_logprobs, "loss_form='per_candidate'")
+    if cand_logprobs.shape != batch.cand_adv.shape:
+        raise ValueError(f"cand_logprobs {tuple(cand_logprobs.shape)} must match the batch's candidates "
+                         f"{tuple(batch.cand_adv.shape)}")
+    dtype = cand_logprobs.dtype
+    gate, weight = _gate_and_weight(batch, dtype)
+    past_loop, distill_active, fallback_at = _term_positions(batch, settings)
+
+    distill = distillation_term(cand_logprobs, batch.cand_old_logprobs, batch.cand_adv, batch.cand_mask,
+                                clip_eps=settings.clip_eps)
+    token_losses = {"distillation": weight * torch.where(distill_active, distill, torch.zeros_like(distill))}
+    if settings.empty_overlap_fallback:
+        reason = "empty_overlap_fallback=True"
+        token_losses["empty_overlap_fallback"] = weight * empty_overlap_fallback_term(
+            _require("sampled_logprobs", sampled_logprobs, reason),
+            _require("sampled_old_logprobs", batch.sampled_old_logprobs, reason).to(dtype),
+            _require("sampled_teacher_logprobs", batch.sampled_teacher_logprobs, reason).to(dtype),
+            fallback_at, clip_eps=settings.clip_eps)
+    if settings.repetition_penalty > 0 and batch.loop_start is not None:
+        lp_y = _require("sampled_logprobs", sampled_logprobs, "repetition_penalty > 0")
+        token_losses["repetition"] = (settings.repetition_penalty * gate) * repetition_term(lp_y, past_loop)
+    if settings.rl_alpha > 0:
+        reason = "rl_alpha > 0"
+        # The RL mix is GSPO-token itself (gspo.py), on every response token, gated by b.
+        token_losses["rl"] = (settings.rl_alpha * gate) * gspo_token_loss(
+            _require("sampled_logprobs", sampled_logprobs, reason),
+            _require("sampled_old_logprobs", batch.sampled_old_logprobs, reason).detach().to(dtype),
+            _require("outcome_advantages", batch.outcome_advantages, reason).detach().to(dtype),
+            batch.mask.to(dtype), clip_low=settings.rl_clip_low, clip_high=settings.rl_clip_high)
+    return sequence_mean(_sum_terms(token_losses), batch.mask.to(dtype)), token_losses
+
+
+def _sum_terms(token_losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Σ of the per-token terms, left to right in the dict's order (the order fixes the rounding)."""
+    terms = iter(token_losses.values())
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics, beside the loss
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -166,34 +455,91 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * mask).sum() / count) if count > 0 else 0.0
 
 
-def _sequence_token_mean(per_token: torch.Tensor, mask_f: torch.Tensor) -> torch.Tensor:
-    """(1/N') Σ_i (1/|M_i|) Σ_t per_token[i,t]: each sequence counts once whatever its length.
+@torch.no_grad()
+def mopd_metrics(batch: MOPDBatch, settings: MOPDLossSettings, *,
+                 token_losses: Mapping[str, torch.Tensor] | None = None, cand_logprobs: torch.Tensor | None = None,
+                 sampled_logprobs: torch.Tensor | None = None, teacher_names: Sequence[str] | None = None
+                 ) -> dict[str, float]:
+    """The `mopd/` metrics of one batch: token means over the masked response tokens.
 
-    N' counts sequences with at least one masked token (a fully masked row carries nothing; same as gspo.py).
+    From the batch alone: overlap_ratio |Ω|/k, empty_overlap_frac, student_mass_on_overlap, adv_mean (the
+    report's Â_t), teacher_mass_on_overlap (needs cand_teacher_logprobs), reverse_kl sg[log π_old(y) − log π_T(y)]
+    (needs the sampled log-probs), gate_drop_frac, weight_mean, fallback_token_frac, loop_token_frac,
+    loop_seq_frac, and per teacher (needs teacher_index; `per_teacher_metrics`).
+    With token_losses (from `mopd_objective`): loss and loss_<term>. With cand_logprobs: clip_frac (else θ = θ_old,
+    where nothing is clipped: 0). With sampled_logprobs and rl_alpha > 0: rl_clip_frac.
     """
-    lengths = mask_f.sum(-1)
-    per_sequence = (per_token * mask_f).sum(-1) / lengths.clamp(min=1.0)                  # [N]
-    has_tokens = (lengths > 0).to(per_token.dtype)
-    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    dtype = cand_logprobs.dtype if cand_logprobs is not None else batch.cand_old_logprobs.dtype
+    mask_f = batch.mask.to(dtype)
+    k = batch.cand_mask.shape[-1]
+    cand_mask = batch.cand_mask.bool()
+    cand_old = batch.cand_old_logprobs.detach().to(dtype)
+    cand_adv = batch.cand_adv.detach().to(dtype)
+    gate, weight = _gate_and_weight(batch, dtype)
+    past_loop, _, fallback_at = _term_positions(batch, settings)
+
+    old_probs = torch.exp(cand_old)
+    per_token = {
+        "overlap_ratio": cand_mask.to(dtype).sum(-1) / k,                                   # |Ω|/k
+        "empty_overlap_frac": (~cand_mask.any(-1)).to(dtype),
+        "student_mass_on_overlap": torch.where(cand_mask, old_probs, torch.zeros_like(old_probs)).sum(-1),
+        "adv_mean": cand_adv.sum(-1),                                                        # the report's Â_t
+    }
+    if batch.cand_teacher_logprobs is not None:
+        teacher_probs = torch.exp(batch.cand_teacher_logprobs.detach().to(dtype))
+        per_token["teacher_mass_on_overlap"] = torch.where(
+            cand_mask, teacher_probs, torch.zeros_like(teacher_probs)).sum(-1)
+    if batch.sampled_old_logprobs is not None and batch.sampled_teacher_logprobs is not None:
+        # sg[log π_old(y_t) − log π_T(y_t)]: single-sample estimate of KL(π_old ‖ π_T); should fall.
+        per_token["reverse_kl"] = (batch.sampled_old_logprobs - batch.sampled_teacher_logprobs).to(dtype)
+    metrics = {f"mopd/{name}": _masked_mean(value, mask_f) for name, value in per_token.items()}
+
+    valid = mask_f > 0
+    num_valid_seqs = max(int(valid.any(-1).sum()), 1)
+    metrics.update({
+        "mopd/gate_drop_frac": _masked_mean((gate == 0).to(dtype), mask_f),
+        "mopd/weight_mean": _masked_mean(weight, mask_f),
+        "mopd/fallback_token_frac": _masked_mean(fallback_at.to(dtype), mask_f),
+        "mopd/loop_token_frac": _masked_mean(past_loop.to(dtype), mask_f),
+        # a sequence is "past τ" when at least one of its response tokens lies at or after τ_i
+        "mopd/loop_seq_frac": float((past_loop & valid).any(-1).sum()) / num_valid_seqs,
+    })
+
+    if token_losses is not None:
+        def term_mean(*names: str) -> float:
+            present = {name: token_losses[name] for name in names if name in token_losses}
+            return float(sequence_mean(_sum_terms(present), batch.mask.to(dtype))) if present else 0.0
+        metrics["mopd/loss"] = float(sequence_mean(_sum_terms(token_losses), batch.mask.to(dtype)))
+        if settings.loss_form == "keye_literal":
+            metrics["mopd/loss_keye_literal"] = term_mean("keye_literal")
+        else:
+            metrics["mopd/loss_distill"] = term_mean("distillation", "empty_overlap_fallback")
+            metrics["mopd/loss_repetition"] = term_mean("repetition")
+            metrics["mopd/loss_rl"] = term_mean("rl")
+
+    clip_frac = 0.0
+    if cand_logprobs is not None and settings.loss_form == "per_candidate":
+        cand_log_ratio = torch.where(cand_mask, cand_logprobs.detach() - cand_old, torch.zeros_like(cand_old))
+        _, cand_clipped = clipped_ratio_objective(cand_log_ratio, cand_adv, settings.clip_eps, settings.clip_eps)
+        cand_valid = cand_mask & valid.unsqueeze(-1)
+        if cand_valid.any():
+            clip_frac = float((cand_clipped & cand_valid).sum() / cand_valid.sum())
+    metrics["mopd/clip_frac"] = clip_frac
+    if (settings.rl_alpha > 0 and sampled_logprobs is not None and batch.sampled_old_logprobs is not None
+            and batch.outcome_advantages is not None):
+        log_token_ratio = gspo_token_log_ratio(sampled_logprobs.detach(), batch.sampled_old_logprobs.to(dtype), mask_f)
+        outcome = batch.outcome_advantages.to(dtype).unsqueeze(-1).expand_as(mask_f)
+        _, rl_clipped = clipped_ratio_objective(log_token_ratio, outcome, settings.rl_clip_low, settings.rl_clip_high)
+        metrics["mopd/rl_clip_frac"] = _masked_mean(rl_clipped.to(dtype), mask_f)
+
+    if batch.teacher_index is not None:
+        metrics.update(per_teacher_metrics(per_token, mask_f, batch.teacher_index, teacher_names))
+    return metrics
 
 
-def _ppo_objective(advantage: torch.Tensor, log_ratio: torch.Tensor, clip_low: float | None,
-                   clip_high: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """min(ρ·a, clip(ρ, 1−ε_low, 1+ε_high)·a) and where the clipped branch is active.  Elementwise."""
-    ratio = torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
-    unclipped = ratio * advantage
-    if clip_low is None and clip_high is None:
-        return unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
-    low = 1.0 - (clip_low if clip_low is not None else math.inf)
-    high = 1.0 + (clip_high if clip_high is not None else math.inf)
-    clipped = torch.clamp(ratio, min=low, max=high) * advantage
-    return torch.minimum(unclipped, clipped), clipped < unclipped
-
-
-def _require(name: str, value, reason: str):
-    if value is None:
-        raise ValueError(f"mopd_loss: {name} is required when {reason}")
-    return value
+# ---------------------------------------------------------------------------------------------------------
+# The pre-split entry point, kept for its callers: the same loss, gradients and metrics
+# ---------------------------------------------------------------------------------------------------------
 
 
 def mopd_loss(cand_logprobs: torch.Tensor, cand_old_logprobs: torch.Tensor, cand_adv: torch.Tensor,
@@ -214,162 +560,23 @@ def mopd_loss(cand_logprobs: torch.Tensor, cand_old_logprobs: torch.Tensor, cand
               teacher_index: torch.Tensor | None = None,
               teacher_names: Sequence[str] | None = None,
               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MOPD loss of ALGORITHMS.md §2.2 (per-candidate form), with its optional terms. Returns (loss, metrics).
+    """`mopd_objective` + `mopd_metrics` behind the flat pre-split signature. Returns (loss, metrics).
 
-    Required (the candidates are the student's top-k ids under π_old):
-      cand_logprobs [N,T,k]      log πθ(v) at the candidates, differentiable (topk.chunked_logprobs_at)
-      cand_old_logprobs [N,T,k]  log π_old(v) at the candidates (the student's top-k log-probs)
-      cand_adv, cand_mask        from `overlap_advantages`
-      token_weights [N,T]        c_i,t, the category weights (`normalise_token_weights`); None = all 1.
-                                 (Passing the full w = b·c here with gate=None is equivalent for the
-                                 distillation term, but then the gate metrics and the repetition term see b = 1.)
-      mask [N,T]                 1 on policy-generated response tokens
-
-    Per token t of sequence i, with w = b·c and ρ(v) = exp(log πθ(v) − log π_old(v)):
-      distillation (t < τ_i, Ω ≠ ∅):   loss_t = −w · Σ_{v∈Ω} a(v)·ρ(v)
-                                        (clip_eps: −w · Σ min(a·ρ, a·clip(ρ, 1−ε, 1+ε)), PPO per candidate)
-      empty Ω, t < τ_i, fallback on:   loss_t = −w · A_y·ρ(y_t),  A_y = sg[log π_T(y_t) − log π_old(y_t)]
-      repetition (t ≥ τ_i, λ_rep > 0):  loss_t = +λ_rep · b · log πθ(y_t)      (replaces distillation there)
-      RL mix (α > 0, every t):          loss_t += −α · b · min(s_i,t A_i, clip(s_i,t, 1−ε_lo, 1+ε_hi) A_i),
-                                        s_i,t = sg[s_i]·πθ(y_t)/sg[πθ(y_t)]  (GSPO-token, ALGORITHMS.md §1)
-      loss = (1/N) Σ_i (1/|M_i|) Σ_{t∈M_i} loss_t
-
-    Options (all off by default):
-      gate [N,T]                  b_i,t from `train_inference_gate`; None = 1.
-      clip_eps                    per-candidate PPO clip ε (None = no clip). At θ = θ_old nothing is clipped.
-      sampled_logprobs [N,T]      log πθ(y_t), differentiable: needed by the fallback, repetition and RL terms.
-      sampled_old_logprobs [N,T]  log π_old(y_t): needed by the fallback and RL terms and the reverse-KL metric.
-      sampled_teacher_logprobs    log π_T(y_t) [N,T] (vLLM's prompt_logprobs returns it next to the top-k):
-                                  needed by the fallback and the reverse-KL metric.
-      empty_overlap_fallback      use the sampled-token reverse-KL advantage where Ω is empty.
-      loop_start [N] long         τ_i (token_categories.find_loop_start); τ_i ≥ T or τ_i < 0 means no loop.
-      repetition_penalty          λ_rep ≥ 0; with 0, loop_start only feeds the metrics.
-      rl_alpha, outcome_advantages [N]   α and the GSPO outcome advantage A_i (gspo.group_advantages).
-      rl_clip_low, rl_clip_high   GSPO's clip range for the RL term.
-      cand_teacher_logprobs [N,T,k]      only for the teacher-mass-on-Ω metric.
-      teacher_index [N] long, teacher_names   per-teacher metrics (`per_teacher_metrics`).
+    New code passes a `MOPDBatch` and `MOPDLossSettings` instead; the arguments here are their fields.
+    outcome_advantages is read only when rl_alpha > 0 (as before the split).
     """
-    num_seqs, num_tokens, k = cand_logprobs.shape
-    for name, tensor in (("cand_old_logprobs", cand_old_logprobs), ("cand_adv", cand_adv), ("cand_mask", cand_mask)):
-        if tensor.shape != cand_logprobs.shape:
-            raise ValueError(f"{name} {tuple(tensor.shape)} must match cand_logprobs {tuple(cand_logprobs.shape)}")
-    if mask.shape != (num_seqs, num_tokens):
-        raise ValueError(f"mask {tuple(mask.shape)} must be [N,T] = {(num_seqs, num_tokens)}")
-    dtype = cand_logprobs.dtype
-    mask_f = mask.to(dtype)
-    category_weight = torch.ones_like(mask_f) if token_weights is None else token_weights.detach().to(dtype)
-    gate_b = torch.ones_like(mask_f) if gate is None else gate.detach().to(dtype)
-    weight = gate_b * category_weight                                                    # w = b·c [N,T]
-    cand_mask = cand_mask.bool()
-    cand_old = cand_old_logprobs.detach().to(dtype)
-    cand_adv = cand_adv.detach().to(dtype)
-
-    # Distillation: one term per candidate in Ω.  cand_obj[N,T,k] = a(v)·ρ(v) (or its PPO-clipped min).
-    # Outside Ω the log-ratio is zeroed before exp so that no inf/NaN can leak into the gradient.
-    cand_log_ratio = torch.where(cand_mask, cand_logprobs - cand_old, torch.zeros_like(cand_old))
-    if clip_eps is not None and not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0 (or None for no clip), got {clip_eps}")
-    clip = clip_eps
-    cand_obj, cand_clipped = _ppo_objective(cand_adv, cand_log_ratio, clip, clip)
-    cand_obj = torch.where(cand_mask, cand_obj, torch.zeros_like(cand_obj))
-    distill_obj = cand_obj.sum(-1)                                                       # [N,T]
-    empty_omega = ~cand_mask.any(-1)                                                     # [N,T]
-
-    # Where the response loops (t ≥ τ_i), distillation gives way to the repetition penalty.
-    positions = torch.arange(num_tokens, device=mask.device)
-    past_loop = torch.zeros_like(mask_f, dtype=torch.bool)
-    if loop_start is not None:
-        if loop_start.shape != (num_seqs,):
-            raise ValueError(f"loop_start must be [N] = ({num_seqs},), got {tuple(loop_start.shape)}")
-        starts = loop_start.to(positions.device).long()
-        past_loop = (positions.unsqueeze(0) >= starts.unsqueeze(-1)) & (starts >= 0).unsqueeze(-1)
-    penalise_loop = repetition_penalty > 0 and loop_start is not None
-    if repetition_penalty < 0:
-        raise ValueError(f"repetition_penalty must be ≥ 0 (it pushes looping tokens down), got {repetition_penalty}")
-    distill_active = ~past_loop if penalise_loop else torch.ones_like(past_loop)
-
-    distill_loss_tok = -weight * torch.where(distill_active, distill_obj, torch.zeros_like(distill_obj))
-
-    fallback_loss_tok = torch.zeros_like(mask_f)
-    fallback_used = torch.zeros_like(past_loop)
-    if empty_overlap_fallback:
-        reason = "empty_overlap_fallback=True"
-        lp_y = _require("sampled_logprobs", sampled_logprobs, reason)
-        old_y = _require("sampled_old_logprobs", sampled_old_logprobs, reason).detach().to(dtype)
-        teacher_y = _require("sampled_teacher_logprobs", sampled_teacher_logprobs, reason).detach().to(dtype)
-        fallback_used = empty_omega & distill_active
-        fallback_adv = torch.where(fallback_used, teacher_y - old_y, torch.zeros_like(old_y))   # A_y [N,T]
-        fallback_log_ratio = torch.where(fallback_used, lp_y - old_y, torch.zeros_like(old_y))
-        fallback_obj, _ = _ppo_objective(fallback_adv, fallback_log_ratio, clip, clip)
-        fallback_loss_tok = -weight * torch.where(fallback_used, fallback_obj, torch.zeros_like(fallback_obj))
-
-    repetition_loss_tok = torch.zeros_like(mask_f)
-    if penalise_loop:
-        lp_y = _require("sampled_logprobs", sampled_logprobs, "repetition_penalty > 0")
-        # +λ_rep · b · log πθ(y_t): minimising it lowers the probability of the looping tokens.
-        repetition_loss_tok = torch.where(past_loop, repetition_penalty * gate_b * lp_y, torch.zeros_like(mask_f))
-
-    rl_loss_tok = torch.zeros_like(mask_f)
-    rl_clipped = torch.zeros_like(past_loop)
-    if rl_alpha < 0:
-        raise ValueError(f"rl_alpha must be ≥ 0, got {rl_alpha}")
-    if rl_alpha > 0:
-        reason = "rl_alpha > 0"
-        lp_y = _require("sampled_logprobs", sampled_logprobs, reason)
-        old_y = _require("sampled_old_logprobs", sampled_old_logprobs, reason).detach().to(dtype)
-        adv_i = _require("outcome_advantages", outcome_advantages, reason).detach().to(dtype)
-        if adv_i.shape != (num_seqs,):
-            raise ValueError(f"outcome_advantages must be [N] = ({num_seqs},), got {tuple(adv_i.shape)}")
-        # GSPO-token: log s_i,t = sg[log s_i] + log πθ(y_t) − sg[log πθ(y_t)]; value s_i, per-token gradient.
-        log_seq_ratio = ((lp_y - old_y) * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1.0)   # [N]
-        log_token_ratio = lp_y - lp_y.detach() + log_seq_ratio.detach().unsqueeze(-1)       # [N,T]
-        rl_obj, rl_clipped = _ppo_objective(adv_i.unsqueeze(-1).expand_as(mask_f), log_token_ratio,
-                                            rl_clip_low, rl_clip_high)
-        rl_loss_tok = -rl_alpha * gate_b * rl_obj
-
-    loss_tok = distill_loss_tok + fallback_loss_tok + repetition_loss_tok + rl_loss_tok   # [N,T]
-    loss = _sequence_token_mean(loss_tok, mask_f)
-
-    with torch.no_grad():
-        valid = mask_f > 0
-        cand_valid = cand_mask & valid.unsqueeze(-1)
-        old_probs = torch.exp(cand_old)
-        per_token = {
-            "overlap_ratio": cand_mask.to(dtype).sum(-1) / k,                            # |Ω|/k
-            "empty_overlap_frac": empty_omega.to(dtype),
-            "student_mass_on_overlap": torch.where(cand_mask, old_probs, torch.zeros_like(old_probs)).sum(-1),
-            "adv_mean": cand_adv.sum(-1),                                                 # the report's Â_t
-        }
-        if cand_teacher_logprobs is not None:
-            teacher_probs = torch.exp(cand_teacher_logprobs.detach().to(dtype))
-            per_token["teacher_mass_on_overlap"] = torch.where(
-                cand_mask, teacher_probs, torch.zeros_like(teacher_probs)).sum(-1)
-        if sampled_old_logprobs is not None and sampled_teacher_logprobs is not None:
-            # sg[log π_old(y_t) − log π_T(y_t)]: single-sample estimate of KL(π_old ‖ π_T); should fall.
-            per_token["reverse_kl"] = (sampled_old_logprobs.detach() - sampled_teacher_logprobs.detach()).to(dtype)
-
-        metrics = {f"mopd/{name}": _masked_mean(value, mask_f) for name, value in per_token.items()}
-        seq_has_tokens = valid.any(-1)
-        num_valid_seqs = max(int(seq_has_tokens.sum()), 1)
-        metrics.update({
-            "mopd/loss": float(loss.detach()),
-            "mopd/loss_distill": float(_sequence_token_mean(distill_loss_tok + fallback_loss_tok, mask_f)),
-            "mopd/loss_repetition": float(_sequence_token_mean(repetition_loss_tok, mask_f)),
-            "mopd/loss_rl": float(_sequence_token_mean(rl_loss_tok, mask_f)),
-            "mopd/gate_drop_frac": _masked_mean((gate_b == 0).to(dtype), mask_f),
-            "mopd/clip_frac": (float((cand_clipped & cand_valid).sum() / cand_valid.sum())
-                               if cand_valid.any() else 0.0),
-            "mopd/fallback_token_frac": _masked_mean(fallback_used.to(dtype), mask_f),
-            "mopd/loop_token_frac": _masked_mean(past_loop.to(dtype), mask_f),
-            # a sequence is "past τ" when at least one of its response tokens lies at or after τ_i
-            "mopd/loop_seq_frac": float((past_loop & valid).any(-1).sum()) / num_valid_seqs,
-            "mopd/weight_mean": _masked_mean(weight, mask_f),
-        })
-        if rl_alpha > 0:
-            metrics["mopd/rl_clip_frac"] = _masked_mean(rl_clipped.to(dtype), mask_f)
-        if teacher_index is not None:
-            metrics.update(per_teacher_metrics(per_token, mask_f, teacher_index, teacher_names))
-    return loss, metrics
+    settings = MOPDLossSettings(clip_eps=clip_eps, empty_overlap_fallback=empty_overlap_fallback,
+                                repetition_penalty=repetition_penalty, rl_alpha=rl_alpha,
+                                rl_clip_low=rl_clip_low, rl_clip_high=rl_clip_high)
+    batch = MOPDBatch(mask=mask, cand_old_logprobs=cand_old_logprobs, cand_adv=cand_adv, cand_mask=cand_mask,
+                      token_weights=token_weights, gate=gate, sampled_old_logprobs=sampled_old_logprobs,
+                      sampled_teacher_logprobs=sampled_teacher_logprobs, loop_start=loop_start,
+                      outcome_advantages=outcome_advantages if rl_alpha > 0 else None,
+                      cand_teacher_logprobs=cand_teacher_logprobs, teacher_index=teacher_index)
+    loss, token_losses = mopd_objective(batch, settings, cand_logprobs=cand_logprobs,
+                                        sampled_logprobs=sampled_logprobs)
+    return loss, mopd_metrics(batch, settings, token_losses=token_losses, cand_logprobs=cand_logprobs,
+                              sampled_logprobs=sampled_logprobs, teacher_names=teacher_names)
 
 
 def per_teacher_metrics(per_token: Mapping[str, torch.Tensor], mask: torch.Tensor, teacher_index: torch.Tensor,
@@ -418,8 +625,8 @@ def keye_literal_loss(sampled_logprobs: torch.Tensor, cand_adv: torch.Tensor, to
         L     = −(1/N) Σ_i (1/|M_i|) Σ_{t∈M_i} b·c·Â_i,t · log πθ(y_i,t)
 
     Â depends on the state, not on the sampled token, and E_{y~πθ}[∇ log πθ(y)] = 0, so the expected
-    gradient is exactly zero: the student learns nothing from the teacher, only noise (ALGORITHMS.md §2.1).
-    Kept to reproduce that finding; `mopd_loss` is the objective to use.
+    gradient is exactly zero: the student learns nothing from the teacher, only noise (docs/algorithms.md §2.3).
+    Kept to reproduce that finding (`keye_literal_term`; `mopd_objective` with loss_form="keye_literal").
     sampled_logprobs [N,T] differentiable; cand_adv [N,T,k]; token_weights, mask, gate [N,T].
     """
     dtype = sampled_logprobs.dtype
@@ -428,5 +635,5 @@ def keye_literal_loss(sampled_logprobs: torch.Tensor, cand_adv: torch.Tensor, to
     if gate is not None:
         weight = weight * gate.detach().to(dtype)
     state_adv = cand_adv.detach().to(dtype).sum(-1)                                        # Â [N,T]
-    loss = _sequence_token_mean(-weight * state_adv * sampled_logprobs, mask_f)
+    loss = sequence_mean(keye_literal_term(sampled_logprobs, weight * state_adv), mask_f)
     return loss, {"mopd_literal/loss": float(loss.detach()), "mopd_literal/adv_mean": _masked_mean(state_adv, mask_f)}
