@@ -43,11 +43,13 @@ _ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
 _ANSWER_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
 _BOXED_TOKEN_RE = re.compile(r"\s*([^\s$]+)")
-# "the answer is", "final answer is:", "Answer:", "**Final Answer:**", "answer is: ...", and GSM8K's
-# "#### 72" (verl's GSM8K preprocessing asks the model for exactly this).
-_ANCHOR_RE = re.compile(r"\b(?:final\s+)?answer(?:\s*\*\*)?\s*(?:is(?![\w'’])\s*:?|:)(?:\s*\*\*)?|####",
-                        re.IGNORECASE)
-_LEADING_MATH_RE = re.compile(r"\s*(?:\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\])", re.DOTALL)
+# "the answer is", "final answer is:", "Answer:", "**Final Answer:**", "answer is: ...", a line "Answer $9$",
+# and GSM8K's "#### 72" (verl's GSM8K preprocessing asks the model for exactly this).
+_ANCHOR_RE = re.compile(r"\b(?:final\s+)?answer(?:\s*\*\*)?\s*(?:is(?![\w'’])\s*:?|:)(?:\s*\*\*)?"
+                        r"|^[ \t]*(?:final\s+)?answer[ \t]*(?=\$|\\\[|\\\()"  # at a line start only
+                        r"|####", re.IGNORECASE | re.MULTILINE)
+# Display math may span lines; inline math (`$...$`, `\\(...\\)`) may not, as in Math-Verify.
+_LEADING_MATH_RE = re.compile(r"\s*(?:\$\$(.+?)\$\$|\$([^\n]+?)\$|\\\(([^\n]+?)\\\)|\\\[(.+?)\\\])", re.DOTALL)
 
 
 def matching_braces(text: str) -> dict[int, int]:
@@ -174,7 +176,7 @@ _SYNONYMS = {"dfrac": r"\frac", "tfrac": r"\frac", "leqslant": r"\le", "leq": r"
 # One left-to-right scan: `\\` (a matrix row break) is matched first so that `\\ ` is never read as `\ `.
 _LATEX_LAYOUT_RE = re.compile(
     r"(\\\\)"                                                            # 1: row break, kept
-    r"|(\\!)"                                                              # 2: negative thin space
+    r"|(\\!\s*)"                                                          # 2: negative thin space (`11,\! 111`)
     r"|(\\[,;: ]|\\(?:q?quad|enspace|thinspace|medspace|thickspace)(?![A-Za-z])|~)"  # 3: spacing
     r"|\\(" + "|".join(sorted(_SYNONYMS, key=len, reverse=True)) + r")(?![A-Za-z])"     # 4: synonym
     r"|(\\(?:left|right)(?![A-Za-z])\s*\.?)"                               # 5: sizing of delimiters
