@@ -442,7 +442,7 @@ def failing_rewards(results: list[dict], max_failure_fraction: float = 0.5) -> l
     applied: collections.Counter[str] = collections.Counter()
     by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for r in results:
-        applied.update(r["components"])
+        applied.update(r["components"].keys())  # counts names (update(dict) would add its values)
         for name, kind in r.get("failures_by_reward", {}).items():
             if kind.startswith(BROKEN_REWARD_KINDS):
                 by_kind[name][kind] += 1
