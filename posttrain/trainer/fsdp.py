@@ -1,0 +1,98 @@
+"""FSDP2 sharding of a Hugging Face causal LM: parameters, gradients and AdamW state split across ranks.
+
+    fully_shard(layer) for every decoder layer, then fully_shard(model) for the rest (embeddings, final norm and
+    the LM head - one unit, so a tied LM head/embedding stays one parameter).
+
+Precision (the "updates vanish" fix): the sharded parameters - the master weights the optimizer updates - stay
+in the dtype the model was built in (fp32); `compute_dtype=bfloat16` makes FSDP all-gather bf16 copies for the
+forward/backward (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)), so gradients are reduced and
+accumulated in fp32 and AdamW's update lands on fp32 weights. An lr-1e-6 update is ~1e-6 relative: below bf16's
+2^-8 spacing it rounds away, in fp32 (2^-23) it does not.
+
+Gradients are SUMMED over ranks (divide factor 1), matching the trainer's convention: scale each micro-batch's
+loss by its share of the global mini-batch and the summed gradient is the global mean.
+"""
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from posttrain.trainer.packing import PACKED_FORWARD_METHOD, _packed_forward, use_varlen_attention
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, found by the class names the model itself declares unsplittable (`_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} declares no decoder-layer classes (_no_split_modules={names}); "
+                         "FSDP needs one unit per repeated block")
+    return layers
+
+
+def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compute_dtype: torch.dtype | None = None,
+                activation_checkpointing: bool = False, cpu_offload: bool = False,
+                reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2 over `mesh` (default: all ranks of the default process group).
+
+    compute_dtype: dtype of the all-gathered parameters used in forward/backward (None: the stored dtype, e.g.
+    fp32 everywhere on CPU). Gradients reduce in fp32. activation_checkpointing: recompute each decoder layer in
+    backward (keeps only layer inputs). cpu_offload: sharded parameters, gradients and the optimizer step live
+    in CPU memory (fully_shard's CPUOffloadPolicy; the optimizer then runs on CPU).
+    Also switches the model to packed-sequence attention (packing.py) and registers the packed log-prob forward
+    as an FSDP forward method. Returns the model (now an FSDPModule)."""
+    if mesh is None:
+        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if model.dtype != torch.float32 and compute_dtype is not None:
+        raise ValueError(f"the model's stored weights are {model.dtype}: load it in float32 so that the optimizer "
+                         f"updates fp32 master weights (compute_dtype={compute_dtype} is used for the forward)")
+    model.config.use_cache = False
+    use_varlen_attention(model)
+    if activation_checkpointing:
+        # Non-reentrant checkpointing inside each layer's __call__; FSDP's hooks gather the layer again on recompute.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+    if cpu_offload:
+        policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM collective (gloo has no pre-multiplied sum; dividing by 1 afterwards is free).
+            module.set_force_sum_reduction_for_comms(True)
+    setattr(model, PACKED_FORWARD_METHOD, MethodType(_packed_forward, model))
+    register_fsdp_forward_method(model, PACKED_FORWARD_METHOD)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the sharded (DTensor) parameters; its state is sharded like them and kept in their dtype (fp32).
+    Fused kernels on GPU (one launch for all parameters), foreach elsewhere."""
+    on_gpu = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             fused=on_gpu or None, foreach=None if on_gpu else True)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm of a sharded model; returns the norm before clipping.
+
+    torch.nn.utils.clip_grad_norm_ works on DTensor gradients: the per-shard norms are reduced across the mesh
+    (the result is a replicated DTensor), and every shard is scaled by the same factor."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_parameter(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly) sharded parameter; a collective: every rank must call it."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

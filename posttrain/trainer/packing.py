@@ -1,0 +1,264 @@
+"""Padding-free micro-batches: ragged sequences packed end to end into one row, attention kept inside each sequence.
+
+Right-padding a batch of ragged sequences spends compute on pad tokens (half of it when lengths are uniform in
+[L/2, L]). Here each micro-batch is ONE row of concatenated tokens under a token budget (dynamic batch size):
+
+    input_ids     [1,T]   s_0 ‖ s_1 ‖ … ‖ s_{S-1}                      T = Σ_i |s_i| ≤ token_budget
+    position_ids  [1,T]   0..|s_0|-1, 0..|s_1|-1, …                     (RoPE restarts in every sequence)
+    cu_seq_lens   [S+1]   0, |s_0|, |s_0|+|s_1|, …, T                   (int32, the flash-attention convention)
+
+Attention never crosses sequences: the model runs with the attention implementation registered below
+(`VARLEN_ATTENTION`), which takes `cu_seq_lens_q/k` and `max_length_q/k` (the keyword names transformers'
+flash-attention path uses) and computes causal attention per sequence: PyTorch's flash-attention varlen kernel
+(`torch.nn.attention.varlen.varlen_attn`) on CUDA, one `scaled_dot_product_attention(is_causal=True)` per
+sequence elsewhere (exact, the CPU reference). No [T,T] mask is ever built.
+
+Only response tokens are scored: the hidden state at position t predicts token t+1, so the log-prob rows are the
+positions just before each response token, and the LM head + log-softmax runs on those rows only, chunk by chunk
+(`posttrain.algorithms.topk.chunked_token_logprobs`; never [T,V] logits).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algorithms.topk import DEFAULT_CHUNK_SIZE, chunked_token_logprobs
+
+VARLEN_ATTENTION = "posttrain_varlen"
+# The name under which an FSDP-sharded model carries `packed_response_logprobs` as an FSDP forward method (fsdp.py
+# registers it, so that the root's parameters - embeddings, final norm, LM head - are gathered around the call).
+PACKED_FORWARD_METHOD = "posttrain_packed_response_logprobs"
+
+
+# -- planning -----------------------------------------------------------------------------------------------------
+def plan_micro_batches(lengths: list[int], token_budget: int, *, min_micro_batches: int = 0) -> list[list[int]]:
+    """Sequence indices per micro-batch: first-fit decreasing into bins of at most `token_budget` tokens.
+
+    Deterministic (ties broken by index; bins ordered by their first index; indices ascending inside a bin).
+    `min_micro_batches`: FSDP ranks must run the same number of forward/backward passes, so a rank with fewer
+    bins than the others splits its fullest multi-sequence bins (and, with fewer sequences than bins, adds
+    empty ones, which `pack_micro_batch` turns into a zero-loss dummy). Agree on the count with
+    `agree_micro_batch_count`.
+    """
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > token_budget]
+    if too_long:
+        i, n = too_long[0]
+        raise ValueError(f"sequence {i} has {n} tokens, more than the micro-batch token budget {token_budget}; "
+                         f"raise the token budget to at least the longest sequence ({max(lengths)})")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        target = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
+        if target is None:
+            bins.append([])
+            room.append(token_budget)
+            target = len(bins) - 1
+        bins[target].append(i)
+        room[target] -= lengths[i]
+    while len(bins) < min_micro_batches:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            bins.append([])
+            continue
+        fullest = max(splittable, key=lambda b: (sum(lengths[i] for i in b), -min(b)))
+        bins.remove(fullest)
+        bins += [fullest[0::2], fullest[1::2]]
+    bins = [sorted(b) for b in bins]
+    return sorted(bins, key=lambda b: (not b, b[0] if b else 0))
+
+
+def agree_micro_batch_count(local_count: int, device: torch.device | str = "cpu") -> int:
+    """The largest micro-batch count over all ranks (every FSDP rank must run that many passes)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local_count
+    count = torch.tensor([local_count], dtype=torch.long, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
+# -- packing ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedMicroBatch:
+    """One row of concatenated sequences. S sequences, T tokens, R response tokens."""
+    sequence_indices: list[int]            # [S] the caller's index of each packed sequence, in packed order
+    input_ids: torch.Tensor                # long[1,T]
+    position_ids: torch.Tensor             # long[1,T], restarting at 0 in every sequence
+    cu_seq_lens: torch.Tensor              # int32[S+1]
+    max_seq_len: int
+    response_positions: torch.Tensor       # long[R] row t whose hidden state predicts response token t+1
+    response_targets: torch.Tensor         # long[R] = input_ids[0, response_positions + 1]
+    response_lengths: list[int]            # [S] |y_i|; the R log-probs split into these, in packed order
+    num_tokens: int                        # T, dummy token included
+
+    def to(self, device: torch.device | str) -> "PackedMicroBatch":
+        move = {k: getattr(self, k).to(device) for k in
+                ("input_ids", "position_ids", "cu_seq_lens", "response_positions", "response_targets")}
+        return PackedMicroBatch(**{**self.__dict__, **move})
+
+
+def pack_micro_batch(prompts: list[list[int]], responses: list[list[int]], indices: list[int]) -> PackedMicroBatch:
+    """Concatenate prompt‖response of the sequences `indices` into one row.
+
+    An empty `indices` (a rank with fewer sequences than the agreed micro-batch count) gives a one-token dummy
+    with no response tokens: its loss is 0 but it still runs every layer, so FSDP's collectives stay in step."""
+    for i in indices:
+        if not responses[i]:
+            raise ValueError(f"sequence {i} has an empty response; drop it before packing (nothing to score)")
+        if not prompts[i]:
+            raise ValueError(f"sequence {i} has an empty prompt; the first response token needs a position "
+                             "before it to be predicted from (prepend a BOS token)")
+    rows = [prompts[i] + responses[i] for i in indices] or [[0]]
+    lengths = [len(r) for r in rows]
+    ids, positions, resp_pos = [], [], []
+    start = 0
+    for k, i in enumerate(indices):
+        ids += rows[k]
+        positions += range(lengths[k])
+        first = start + len(prompts[i]) - 1          # predicts the first response token
+        resp_pos += range(first, first + len(responses[i]))
+        start += lengths[k]
+    if not indices:
+        ids, positions = [0], [0]
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    response_positions = torch.tensor(resp_pos, dtype=torch.long)
+    cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return PackedMicroBatch(
+        sequence_indices=list(indices), input_ids=input_ids,
+        position_ids=torch.tensor([positions], dtype=torch.long), cu_seq_lens=cu, max_seq_len=max(lengths),
+        response_positions=response_positions, response_targets=input_ids[0, response_positions + 1],
+        response_lengths=[len(responses[i]) for i in indices], num_tokens=len(ids))
+
+
+def pack_batch(prompts: list[list[int]], responses: list[list[int]], token_budget: int, *,
+               min_micro_batches: int = 0) -> list[PackedMicroBatch]:
+    """plan_micro_batches + pack_micro_batch for a whole (per-rank) batch."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    return [pack_micro_batch(prompts, responses, b)
+            for b in plan_micro_batches(lengths, token_budget, min_micro_batches=min_micro_batches)]
+
+
+# -- per-sequence tensors -----------------------------------------------------------------------------------------
+def pad_per_sequence(flat_R: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split packed values [R] by sequence into right-padded [S,Tmax] plus a float mask [S,Tmax] (1 on real tokens).
+
+    The GSPO loss wants [N,T] log-probs and a mask: `gspo_loss(*pad_per_sequence(lp, lengths)…)` keeps every
+    sequence counting once. Differentiable (a scatter into zeros)."""
+    if flat_R.shape[0] != sum(lengths):
+        raise ValueError(f"{flat_R.shape[0]} packed values but the lengths sum to {sum(lengths)}")
+    width = max(lengths, default=0)
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=flat_R.device),
+                                  torch.tensor(lengths, device=flat_R.device))
+    starts = torch.tensor([0] + lengths[:-1], device=flat_R.device).cumsum(0) if lengths else row
+    col = torch.arange(flat_R.shape[0], device=flat_R.device) - starts[row]
+    padded = flat_R.new_zeros(len(lengths), width).index_put((row, col), flat_R)
+    mask = torch.zeros(len(lengths), width, device=flat_R.device)
+    mask[row, col] = 1.0
+    return padded, mask
+
+
+# -- model side ---------------------------------------------------------------------------------------------------
+def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    cu_seq_lens: torch.Tensor, max_seq_len: int, response_positions: torch.Tensor,
+                    response_targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log πθ(response tokens) [R] of one packed row (body → rows before response tokens → chunked LM head)."""
+    if model.config._attn_implementation != VARLEN_ATTENTION:
+        raise ValueError(f"the model uses attention '{model.config._attn_implementation}', which lets packed "
+                         f"sequences attend to each other; call posttrain.trainer.packing.use_varlen_attention(model)")
+    hidden_1TH = model.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False,
+        cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_seq_len, max_length_k=max_seq_len,
+    ).last_hidden_state
+    hidden_RH = hidden_1TH[0].index_select(0, response_positions)
+    # A fresh tensor, not a view: FSDP hooks the output for backward, and a view invites in-place edits.
+    return chunked_token_logprobs(hidden_RH, model.get_output_embeddings().weight, response_targets,
+                                  chunk_size).clone()
+
+
+def packed_response_logprobs(model: torch.nn.Module, micro_batch: PackedMicroBatch,
+                             chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log πθ(y_t) of every response token of the micro-batch, fp32 [R], in packed order.
+
+    Split per sequence with `micro_batch.response_lengths` (`pad_per_sequence`). Works on a plain HF causal LM
+    and on one sharded by `posttrain.trainer.fsdp.shard_model` (which routes the call through FSDP's hooks)."""
+    mb = micro_batch.to(next(model.parameters()).device)
+    forward = getattr(model, PACKED_FORWARD_METHOD, None)
+    args = (mb.input_ids, mb.position_ids, mb.cu_seq_lens, mb.max_seq_len, mb.response_positions,
+            mb.response_targets, chunk_size)
+    return forward(*args) if forward is not None else _packed_forward(model, *args)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _cuda_varlen_attention(q_THD, k_THD, v_THD, cu, max_len, scale):
+    """PyTorch's flash-attention varlen kernel (causal), across torch versions' keyword spellings."""
+    varlen_attn = _varlen_kernel()
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)          # (left, right) = causal
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q_THD.shape[-1] ** -0.5:
+        raise ValueError("this torch's varlen_attn has no scale argument and the model's scale is not 1/sqrt(d)")
+    if k_THD.shape[1] != q_THD.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q_THD.shape[1] // k_THD.shape[1]
+            k_THD, v_THD = k_THD.repeat_interleave(groups, 1), v_THD.repeat_interleave(groups, 1)
+    return varlen_attn(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, **kwargs)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Causal attention inside each packed sequence.  query [1,Hq,T,D], key/value [1,Hkv,T,D] → ([1,T,Hq,D], None)"""
+    if cu_seq_lens_q is None or max_length_q is None:
+        raise ValueError(f"attention '{VARLEN_ATTENTION}' needs cu_seq_lens_q and max_length_q: run packed "
+                         "micro-batches through posttrain.trainer.packing.packed_response_logprobs")
+    if query.shape[0] != 1 or sliding_window is not None or (dropout and module.training):
+        raise ValueError("packed attention supports one packed row, no sliding window and no attention dropout")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q_THD, k_THD, v_THD = (t[0].transpose(0, 1) for t in (query, key, value))
+    if q_THD.is_cuda and q_THD.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None:
+        out_THD = _cuda_varlen_attention(q_THD, k_THD, v_THD, cu_seq_lens_q.to(torch.int32), int(max_length_q), scale)
+    else:
+        bounds = cu_seq_lens_q.tolist()
+        pieces = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                                 scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+                  for s, e in zip(bounds[:-1], bounds[1:])]
+        out_THD = torch.cat(pieces, dim=2)[0].transpose(0, 1)
+    return out_THD.unsqueeze(0), None
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="posttrain_varlen"` known to transformers (no mask is built for it)."""
+    from transformers import AttentionInterface
+
+    # No mask function is registered on purpose: transformers then builds no mask for this implementation.
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+
+
+def use_varlen_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a loaded HF model to packed-sequence attention (in place); returns it."""
+    register_varlen_attention()
+    model.set_attn_implementation(VARLEN_ATTENTION)
+    return model
