@@ -582,3 +582,41 @@ def test_async_entry_points_work_inside_a_running_loop(server, kw):
     one, many = asyncio.run(main())
     assert one["score"] == pytest.approx(0.7) and [m["score"] for m in many] == [pytest.approx(0.7)] * 3
     assert many[0]["judge_cached"] is True and len(server.requests) == 3
+
+
+# ------------------------------------------------------------------------------------- lifecycle in the runner
+
+@pytest.mark.unit
+def test_the_runner_serves_the_judge_once_through_its_prepare_hook(server, kw, monkeypatch):
+    # The reward runner knows no reward by name: the judge's prepare hook starts the served judge on the driver
+    # (here the launcher answers with the scripted server) and the worker processes get its URL and model.
+    from posttrain.rewards_runner import LocalProcesses, RewardFn, release_reward_servers, score_batch
+    from rewards import judge_server
+    launched, stopped = [], []
+    monkeypatch.setattr(judge_server, "ensure_judge_server",
+                        lambda path, extra_args=(): launched.append((path, extra_args)) or (kw["base_url"], "served"))
+    monkeypatch.setattr(judge_server, "shutdown_served_judges", lambda: stopped.append(True) or 1)
+    server.script = lambda body, n: {"verdict": "Rating: [[7]]"}
+    served_kw = {k: v for k, v in kw.items() if k not in ("base_url", "model")}
+    fn = RewardFn("judge", 1.0, tuple(sorted({**served_kw, "serve_model_path": "/models/judge",
+                                              "serve_args": ["--max-model-len", "512"]}.items())), None)
+    samples = [{"data_source": "d", "solution": f"answer {i}", "ground_truth": "ref", "extra_info": {"question": "q"}}
+               for i in range(4)]
+    backend = LocalProcesses(2)
+    try:
+        results = score_batch([fn], samples, timeout_s=30, max_concurrency=2, samples_per_task=2, backend=backend)
+    finally:
+        backend.close()
+        release_reward_servers()
+    assert [r["score"] for r in results] == [pytest.approx(0.7)] * 4
+    assert launched == [("/models/judge", ("--max-model-len", "512"))]  # once, on the driver
+    assert {r["model"] for r in server.requests} == {"served"}
+    assert stopped == [True]
+
+
+@pytest.mark.unit
+def test_bad_judge_kwargs_stop_the_start_not_every_sample():
+    from posttrain.rewards_runner import RewardFn, prepare_reward_servers
+    from rewards.base import RewardSpecError
+    with pytest.raises(RewardSpecError, match="reward 'judge' could not be prepared.*mode 'best-of'"):
+        prepare_reward_servers([RewardFn("judge", 1.0, (("mode", "best-of"),), None)])

@@ -133,3 +133,51 @@ def test_iou_and_tiou_through_the_command(tmp_path):
     write_jsonl(source, [{"completion": "<answer>2 to 6</answer>", "ground_truth": [4, 6]}])
     assert run(["--reward", "tiou", str(source), "-o", str(out), "--workers", "1", "--no-progress"]) == 0
     assert read_jsonl(out)[0]["score"] == pytest.approx(0.5)
+
+
+HOSTILE_LINES_REWARD = '''
+import os, signal, threading
+
+def score(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "huge":
+        return 10 ** 400
+    if solution_str == "lock":
+        return {"score": 0.25, "lock": threading.Lock()}
+    if solution_str == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    print("a reward that prints must not corrupt the output on stdout")
+    return len(solution_str)
+'''
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("output_to_stdout", [False, True])
+def test_one_bad_line_scores_zero_with_a_reason_and_the_rest_are_written(tmp_path, capfd, output_to_stdout):
+    reward_file = tmp_path / "hostile.py"
+    reward_file.write_text(HOSTILE_LINES_REWARD)
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    completions = ["ab", "huge", "abc", "lock", "segfault", "abcd"]
+    write_jsonl(source, [{"completion": c, "ground_truth": None, "id": i} for i, c in enumerate(completions)])
+    argv = ["--reward", f"{reward_file}:score", str(source), "--workers", "1", "--no-progress"]
+    assert run(argv + ([] if output_to_stdout else ["-o", str(out)])) == 0
+    captured = capfd.readouterr()
+    text = captured.out if output_to_stdout else out.read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["id"] for r in rows] == list(range(6))
+    assert [r["score"] for r in rows] == [2.0, 0.0, 3.0, 0.25, 0.0, 4.0]
+    assert rows[1]["details"]["failure"] == "non_finite"
+    assert rows[3]["details"]["lock"].startswith("<unlocked _thread.lock")  # the score stands, the detail as text
+    assert rows[4]["details"]["failure"] == "crash:worker_died"
+    assert "failures (score 0 for a counted reason): non_finite 1, crash:worker_died 1" in captured.err
+
+
+@pytest.mark.unit
+def test_a_reward_without_verls_keyword_signature_is_refused_before_scoring(tmp_path, capsys):
+    reward_file = tmp_path / "gsm8k.py"
+    reward_file.write_text('def compute_score(solution_str, ground_truth, method="strict", format_score=0.0, '
+                           'score=1.0):\n    return 1.0\n')
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, ROWS)
+    assert run(["--reward", f"{reward_file}:compute_score", str(source), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be called the way verl and posttrain call rewards" in err and "wrap it" in err
