@@ -55,7 +55,7 @@ def main() -> int:
     sys.path.insert(0, REPO)
     os.chdir(REPO)
     from posttrain.config import load_recipe
-    from posttrain.loops.gspo import run_gspo
+    from posttrain.loops.run import run
     from posttrain.metrics import read_metrics
 
     recipe = load_recipe("recipes/quickstart.yaml", [f"total_steps={args.steps}", "data.eval_every=0",
@@ -64,7 +64,7 @@ def main() -> int:
     monitor.start()
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.time()
-        summary = run_gspo(recipe, run_dir, progress=False)
+        summary = run(recipe, run_dir, progress=False)
         wall = time.time() - t0
         records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["step"] >= 2]
     monitor.stop.set()

@@ -37,6 +37,21 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Put a fully written folder in place of `final_dir`: marked COMPLETE, then renamed. A kill before the rename
+    leaves the old folder (or none); one between removing an old folder and the rename leaves none — never a
+    half-written one. Readers check `is_complete_dir`."""
+    atomic_write_text(os.path.join(tmp_dir, COMPLETE), "ok\n")
+    if os.path.exists(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
+
+
+def is_complete_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 

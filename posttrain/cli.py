@@ -27,7 +27,7 @@ def cmd_validate(args) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         _check_rewards_resolve(recipe)
-        if recipe.mopd is not None:
+        if recipe.algorithm.type == "mopd":
             from teachers.checks import check_teachers
             check_teachers(recipe)
         if args.check_data:
@@ -38,7 +38,7 @@ def cmd_validate(args) -> int:
     except ValueError as err:  # DatasetError
         _print_err(str(err))
         return 2
-    print(f"ok: {args.recipe} ({recipe.algorithm}, {recipe.total_steps} steps, model {recipe.model.path})")
+    print(f"ok: {args.recipe} ({recipe.algorithm.type}, {recipe.total_steps} steps, model {recipe.model.path})")
     return 0
 
 
@@ -55,7 +55,7 @@ def _check_rewards_resolve(recipe) -> None:
 def _check_data(recipe) -> None:
     from posttrain.data import load_prompt_rows
     rows = {"train": load_prompt_rows(recipe.data.train_files), "eval": load_prompt_rows(recipe.data.eval_files)}
-    if recipe.mopd is not None:
+    if recipe.algorithm.type == "mopd":
         from teachers.routing import check_dataset_routing
         check_dataset_routing(recipe, rows)
 
@@ -67,7 +67,8 @@ SAFE_TO_CHANGE = ("total_steps", "checkpoint.", "data.eval_every", "data.eval_ma
                   "rollout.num_workers", "rollout.cpus_per_worker", "rollout.gpus_per_worker", "rollout.kv_cache_gib",
                   "rollout.gpu_memory_utilization", "trainer.num_workers", "trainer.cpus_per_worker",
                   "trainer.gpus_per_worker", "trainer.micro_batch_size", "rewards.timeout_s",
-                  "rewards.max_concurrency", "rewards.samples_per_task", "mopd.resident_engines", "mopd.engine_cpus", "mopd.engine_gpus")
+                  "rewards.max_concurrency", "rewards.samples_per_task", "algorithm.resident_engines", "algorithm.engine_cpus",
+                  "algorithm.engine_gpus", "trainer.max_nonfinite_steps")
 
 
 def _is_safe(key: str) -> bool:
@@ -173,13 +174,13 @@ def _run_dir_problem(run_dir: str, err: OSError) -> str:
 def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:
     from posttrain.config import RecipeError, dump_recipe_yaml
     from posttrain.data import DatasetError
-    from posttrain.loops.gspo import RunInterrupted, StaleWeightsError
+    from posttrain.loops.run import RunInterrupted, StaleWeightsError
     from rewards.base import RewardSpecError
 
     if resume_from:
         from posttrain import checkpoint as ckpt
         done = ckpt.load_driver_state(resume_from)["step"]
-        if done >= recipe.total_steps and os.path.isdir(os.path.join(run_dir, "final")):
+        if done >= recipe.total_steps and run_is_finished(run_dir):
             print(f"{run_dir}: run already finished ({done}/{recipe.total_steps} steps); nothing to do. "
                   f"Final model: {os.path.join(run_dir, 'final')}")
             return 0
@@ -187,14 +188,10 @@ def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(dump_recipe_yaml(recipe))
 
-    import ray
+    from posttrain.orchestration import stop_ray
     try:
-        if recipe.algorithm == "gspo":
-            from posttrain.loops.gspo import run_gspo
-            summary = run_gspo(recipe, run_dir, resume_from, progress=not args.no_progress)
-        else:
-            from posttrain.loops.mopd import run_mopd
-            summary = run_mopd(recipe, run_dir, resume_from, progress=not args.no_progress)
+        from posttrain.loops.run import run
+        summary = run(recipe, run_dir, resume_from, progress=not args.no_progress)
     except KeyboardInterrupt:
         _print_err(f"interrupted; the last complete checkpoint in {run_dir}/checkpoints is intact — "
                    "re-run the same command to resume")
@@ -206,8 +203,7 @@ def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:
         _print_err(str(err))
         return 3
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
     _print_summary(recipe, run_dir, summary)
     return 0
 
@@ -223,8 +219,16 @@ def _print_summary(recipe, run_dir: str, summary: dict) -> None:
         print(f"reverse KL to the teachers (mean of the first / last {summary['reverse_kl_window']} steps): "
               f"{first:.4f} → {last:.4f} ({100 * (last - first) / first:+.0f}%)")
     print(f"metrics: {run_dir}/metrics.jsonl  curve: {run_dir}/reward_curve.png  model: {summary['final_dir']}")
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    from posttrain.checkpoint import atomic_write_text
+    # Written last: a run is finished when final/ is complete AND this file exists (run_is_finished).
+    atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+
+
+def run_is_finished(run_dir: str) -> bool:
+    """final/ complete (written atomically) and summary.json written: a kill anywhere before that leaves a run that
+    the same command completes (it resumes from the last checkpoint and writes the end again)."""
+    from posttrain.checkpoint import is_complete_dir
+    return is_complete_dir(os.path.join(run_dir, "final")) and os.path.isfile(os.path.join(run_dir, "summary.json"))
 
 
 def cmd_status(args) -> int:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import typing
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -120,6 +120,8 @@ class TrainerConfig(_Strict):
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (gradient accumulation).")
     logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per LM-head chunk (never full [T, V] logits).")
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads in each trainer actor.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="A step whose loss or gradient norm is not finite is "
+                                     "skipped (weights unchanged) and counted; this many in a row stop the run.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
 
 
@@ -143,7 +145,7 @@ class TeacherConfig(_Strict):
     name: str = Field(description="Teacher name (metrics are reported per teacher under this name).")
     path: str = Field(description="Hugging Face model folder; same tokenizer and vocabulary as the student.")
     labels: list[str] = Field(min_length=1, description="Routing labels this teacher serves (values of "
-                              "mopd.route_key). A label may belong to one teacher only.")
+                              "algorithm.route_key). A label may belong to one teacher only.")
 
 
 class RLMixConfig(_Strict):
@@ -183,7 +185,7 @@ class MOPDAlgorithm(_Strict):
     empty_overlap_fallback: bool = Field(False, description="Sampled-token reverse-KL advantage where Ω is empty.")
     loss_form: Literal["per_candidate", "keye_literal"] = Field(
         "per_candidate", description="keye_literal is the report's formula taken literally: an ablation whose "
-        "expected gradient is zero (ALGORITHMS.md §2.1).")
+        "expected gradient is zero (docs/algorithms.md §2.2).")
 
     @model_validator(mode="after")
     def _check(self) -> "MOPDAlgorithm":
@@ -205,38 +207,85 @@ class MOPDAlgorithm(_Strict):
         return self
 
 
+AlgorithmConfig = Annotated[Union[GSPOAlgorithm, GRPOAlgorithm, MOPDAlgorithm], Field(discriminator="type")]
+"""The recipe's `algorithm:` block, keyed on `type`; each algorithm holds its own settings and reads no other's."""
+
+ALGORITHM_TYPES = ("gspo", "grpo", "mopd")
+
+_OLD_SHAPE_HELP = """the recipe uses the old shape (`algorithm: {old}` plus a `{block}:` section). Since 0.2 the algorithm's
+settings live in one block keyed on its type; rewrite it as
+    algorithm:
+      type: {old}
+{body}and delete the `{block}:` section{extra}."""
+
+
+def _old_shape_error(tree: dict) -> str | None:
+    """The message for a pre-0.2 recipe (`algorithm: gspo|mopd` + `gspo:`/`mopd:` sections), or None."""
+    algo = tree.get("algorithm")
+    if not (isinstance(algo, str) or "gspo" in tree or "mopd" in tree):
+        return None
+    old = algo if isinstance(algo, str) else ("mopd" if "mopd" in tree else "gspo")
+    block = tree.get(old) if isinstance(tree.get(old), dict) else {}
+    settings = dict(block)
+    extra = ""
+    if old == "mopd":
+        if "rl_alpha" in settings:
+            alpha = settings.pop("rl_alpha")
+            gspo = tree.get("gspo") if isinstance(tree.get("gspo"), dict) else {}
+            settings["rl_mix"] = {"alpha": alpha, **{k: gspo[k] for k in ("clip_low", "clip_high", "scale_by_std",
+                                                                            "eps") if k in gspo}}
+        if "gspo" in tree:
+            extra = " and the `gspo:` section (MOPD's RL-mix term has its own settings: `algorithm.rl_mix`)"
+    body = "".join(f"      {line}\n" for line in yaml.safe_dump(settings, sort_keys=False).splitlines()) if settings else ""
+    return _OLD_SHAPE_HELP.format(old=old, block=old, body=body, extra=extra)
+
+
 class Recipe(_Strict):
     name: str = Field(description="Run name, shown in logs.")
-    algorithm: Literal["gspo", "mopd"] = "gspo"
+    algorithm: AlgorithmConfig = Field(default_factory=GSPOAlgorithm, description="`{type: gspo|grpo|mopd, ...}`: "
+                                       "the algorithm and its own settings.")
     seed: int = 0
     total_steps: int = Field(ge=1)
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: RewardsConfig
-    gspo: GSPOConfig = Field(default_factory=GSPOConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    mopd: Optional[MOPDConfig] = Field(None, description="Required when algorithm is mopd.")
     log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_old_shape(cls, tree: Any) -> Any:
+        if isinstance(tree, dict):
+            message = _old_shape_error(tree)
+            if message:
+                raise ValueError(message)
+        return tree
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps per training step (sizes the LR schedule)."""
+        a = self.algorithm
+        return a.mini_batches * getattr(a, "epochs", 1)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Recipe":
-        if self.algorithm == "mopd" and self.mopd is None:
-            raise ValueError("algorithm: mopd needs a `mopd:` section with at least one teacher")
+        mini_batches = self.algorithm.mini_batches
+        key = f"algorithm.mini_batches = {mini_batches}"
         samples = self.rollout.prompts_per_step * self.rollout.n
-        if samples % self.gspo.mini_batches:
+        if samples % mini_batches:
             raise ValueError(
                 f"rollout.prompts_per_step × rollout.n = {samples} samples per step is not divisible by "
-                f"gspo.mini_batches = {self.gspo.mini_batches}; pick values whose product is a multiple of it")
-        if self.rollout.prompts_per_step % self.gspo.mini_batches:
+                f"{key}; pick values whose product is a multiple of it")
+        if self.rollout.prompts_per_step % mini_batches:
             raise ValueError(
-                f"rollout.prompts_per_step = {self.rollout.prompts_per_step} is not divisible by gspo.mini_batches = "
-                f"{self.gspo.mini_batches}: each mini-batch holds whole groups; change either value")
-        if self.trainer.num_workers > 1 and (samples // self.gspo.mini_batches) % self.trainer.num_workers:
+                f"rollout.prompts_per_step = {self.rollout.prompts_per_step} is not divisible by {key}: each "
+                f"mini-batch holds whole groups; change either value")
+        if self.trainer.num_workers > 1 and (samples // mini_batches) % self.trainer.num_workers:
             raise ValueError(
-                f"a mini-batch of {samples // self.gspo.mini_batches} samples does not split evenly over "
+                f"a mini-batch of {samples // mini_batches} samples does not split evenly over "
                 f"trainer.num_workers = {self.trainer.num_workers}")
         return self
 
@@ -343,6 +392,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return tree
 
 
+_ALGORITHM_CLASSES = {"gspo": GSPOAlgorithm, "grpo": GRPOAlgorithm, "mopd": MOPDAlgorithm}
+
+
+def _error_path(loc: list[str]) -> tuple[list[str], type[BaseModel] | None]:
+    """pydantic puts the union tag into the location (`algorithm.mopd.top_k`); users wrote `algorithm.top_k`.
+    Returns the user's path and, for an algorithm block, the model class the rest of the path lives in."""
+    if len(loc) >= 2 and loc[0] == "algorithm" and loc[1] in _ALGORITHM_CLASSES:
+        return ["algorithm", *loc[2:]], _ALGORITHM_CLASSES[loc[1]]
+    return loc, None
+
+
 def _known_fields(model_cls: type[BaseModel], path: tuple) -> list[str]:
     cls = model_cls
     for part in path:
@@ -363,12 +423,13 @@ def _known_fields(model_cls: type[BaseModel], path: tuple) -> list[str]:
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"recipe {source} is invalid:"]
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
+        loc, algo_cls = _error_path([str(p) for p in e["loc"]])
         path = ".".join(loc) or "(top level)"
         bad = e.get("input")
         bad_text = json.dumps(bad, default=str)[:120] if not isinstance(bad, dict) else "{...}"
         if e["type"] == "extra_forbidden":
-            known = _known_fields(Recipe, tuple(loc[:-1]))
+            known = (_known_fields(algo_cls, tuple(loc[1:-1])) if algo_cls
+                     else _known_fields(Recipe, tuple(loc[:-1])))
             close = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f"did you mean `{'.'.join(loc[:-1] + close)}`?" if close else f"known keys here: {', '.join(known)}"
             lines.append(f"  - `{path}`: unknown key; {hint}")
@@ -414,7 +475,7 @@ def _resolve_paths(tree: dict, base_dir: str) -> dict:
     tree = copy.deepcopy(tree)
     if isinstance(tree.get("model"), dict) and isinstance(tree["model"].get("path"), str):
         tree["model"]["path"] = fix(tree["model"]["path"])
-    mopd = tree.get("mopd")
+    mopd = tree.get("algorithm")
     if isinstance(mopd, dict) and isinstance(mopd.get("teachers"), list):
         for t in mopd["teachers"]:
             if isinstance(t, dict) and isinstance(t.get("path"), str):
@@ -456,9 +517,9 @@ def check_recipe_files(recipe: Recipe) -> None:
                 problems.append(f"  - `data.{key}[{i}]`: file {p!r} not found; fix the path")
             elif not p.endswith((".jsonl", ".json", ".parquet")):
                 problems.append(f"  - `data.{key}[{i}]`: {p!r} must be .jsonl, .json or .parquet")
-    for i, t in enumerate(recipe.mopd.teachers if recipe.mopd else []):
+    for i, t in enumerate(getattr(recipe.algorithm, "teachers", [])):
         if not os.path.isfile(os.path.join(t.path, "config.json")):
-            problems.append(f"  - `mopd.teachers[{i}].path` (teacher {t.name!r}): {t.path!r} is not a model folder; "
+            problems.append(f"  - `algorithm.teachers[{i}].path` (teacher {t.name!r}): {t.path!r} is not a model folder; "
                             "train it (see README, MOPD) or fix the path")
     if problems:
         raise RecipeError("recipe refers to missing inputs:\n" + "\n".join(problems))

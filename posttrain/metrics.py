@@ -78,3 +78,48 @@ def plot_rewards(metrics_path: str, out_png: str, title: str = "") -> str:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+class StepTimer:
+    """Named wall-clock spans of one step, without hand-kept t0…t5:
+
+        timer.start_step()
+        with timer.span("rollout"): ...
+        with timer.span("update"): ...
+        timer.metrics()  →  {"time/step_s", "time/rollout_s", "time/update_s", "time/rollout_share", ...}
+
+    A span entered twice in a step adds up; spans do not nest (each phase is timed by whoever runs it: the loop,
+    or an algorithm part for its own phases, such as MOPD's teacher scoring)."""
+
+    def __init__(self) -> None:
+        import time
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self.spans: dict[str, float] = {}
+
+    def start_step(self) -> None:
+        self._start = self._clock()
+        self.spans = {}
+
+    def span(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            began = self._clock()
+            try:
+                yield
+            finally:
+                self.spans[name] = self.spans.get(name, 0.0) + self._clock() - began
+        return timed()
+
+    def elapsed(self) -> float:
+        return self._clock() - self._start
+
+    def metrics(self) -> dict[str, float]:
+        step_s = self.elapsed()
+        out = {"time/step_s": step_s}
+        for name, seconds in self.spans.items():
+            out[f"time/{name}_s"] = seconds
+            out[f"time/{name}_share"] = seconds / step_s if step_s > 0 else 0.0
+        return out

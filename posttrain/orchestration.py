@@ -25,10 +25,54 @@ def start_ray(recipe: Recipe) -> None:
         return
     needed = (recipe.rollout.num_workers * recipe.rollout.cpus_per_worker
               + recipe.trainer.num_workers * recipe.trainer.cpus_per_worker + recipe.rewards.max_concurrency * 0.5
-              + (recipe.mopd.resident_engines * recipe.mopd.engine_cpus if recipe.mopd else 0))
+              + getattr(recipe.algorithm, "resident_engines", 0) * getattr(recipe.algorithm, "engine_cpus", 0))
     num_cpus = recipe.ray.num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env_vars}, configure_logging=False)
+    # The embedded cluster serves this machine only, so nothing of it listens beyond loopback: with Ray's
+    # "no multi-node cluster" switch (the macOS/Windows default) the node IP is 127.0.0.1 and the GCS, raylet,
+    # worker, agent and remaining metrics servers all bind it (Ray reads the switch at import, hence the module
+    # attribute as well as the environment its processes inherit; both are put back after start-up so a later
+    # ray.init(address=...) in this process resolves its node IP normally). The per-node Prometheus exporter,
+    # which nothing here reads, is not started. Token authentication stays as Ray starts a new local cluster: on
+    # (RAY_AUTH_MODE=disabled in the environment is the user's explicit choice). ray.address (attaching to a
+    # cluster) keeps that cluster's own settings.
+    from ray._private import ray_constants
+    loopback_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_metrics_collection": "0"}
+    saved_env = {k: os.environ.get(k) for k in loopback_env}
+    saved_switch = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(loopback_env)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env_vars}, configure_logging=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_switch
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def stop_ray(grace_s: float = 5.0) -> None:
+    """Shut Ray down so that no process of the run outlives it. An embedded cluster's processes (GCS, raylet,
+    workers) descend from this driver; a worker kept alive by a reward's non-daemon thread ignores Ray's shutdown
+    (its interpreter waits for the thread), so whatever is left after `grace_s` is killed. An attached cluster
+    (ray.address) is not ours: only the connection is closed."""
+    if not ray.is_initialized():
+        return
+    import psutil
+
+    embedded = ray._private.worker.global_worker.node is not None and \
+        ray._private.worker.global_worker.node.is_head()
+    ours = psutil.Process().children(recursive=True) if embedded else []
+    ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -96,14 +140,16 @@ class RolloutGroup:
 
 
 class TrainerGroup:
-    def __init__(self, recipe: Recipe, worker_cls=None):
-        from posttrain.trainer.worker import TrainerWorker
+    """The trainer ranks (Ray actors over torch.distributed). Every batch is split evenly and in order over the
+    ranks; per-sample arrays are sliced with it."""
 
-        worker_cls = worker_cls or TrainerWorker
+    def __init__(self, recipe: Recipe, objective):
+        from posttrain.trainer.worker import TrainerWorker, trainer_settings
+
         t = recipe.trainer
-        cfg = recipe_to_dict(recipe)
-        self.ranks = [worker_cls.options(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker).remote(
-            rank, t.num_workers, cfg) for rank in range(t.num_workers)]
+        settings = trainer_settings(recipe, objective)
+        self.ranks = [TrainerWorker.options(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker).remote(
+            rank, t.num_workers, settings) for rank in range(t.num_workers)]
         self.rank0 = self.ranks[0]
         # The rendezvous lives on rank 0's node, wherever Ray placed it.
         (addr, port), = _await_start([self.rank0.node_address.remote()], "trainer rank 0", recipe)
@@ -112,17 +158,28 @@ class TrainerGroup:
     def shutdown(self) -> None:
         kill_actors(self.ranks)
 
+    def _shares(self, n: int) -> list[list[int]]:
+        return [idx for idx in _split(list(range(n)), len(self.ranks))]
+
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
-        chunks = _split(list(range(len(prompts))), len(self.ranks))
         refs = [r.compute_logprobs.remote([prompts[i] for i in idx], [responses[i] for i in idx])
-                for r, idx in zip(self.ranks, chunks)]
+                for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return [lp for part in ray.get(refs) for lp in part]
 
-    def train_minibatch(self, prompts, responses, old_logprobs, advantages) -> dict[str, float]:
-        chunks = _split(list(range(len(prompts))), len(self.ranks))
+    def compute_topk(self, prompts: list[list[int]], responses: list[list[int]], k: int):
+        from teachers.scores import TeacherScores
+
+        refs = [r.compute_topk.remote([prompts[i] for i in idx], [responses[i] for i in idx], k)
+                for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
+        parts = ray.get(refs)
+        return TeacherScores.from_sequences([p.sequence(i) for p in parts for i in range(p.num_sequences)], k)
+
+    def train_minibatch(self, prompts, responses, arrays: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step over the mini-batch; every rank sees the global size (loss weights), returns rank
+        0's metrics."""
         refs = [r.train_minibatch.remote([prompts[i] for i in idx], [responses[i] for i in idx],
-                                         [old_logprobs[i] for i in idx], [advantages[i] for i in idx], len(prompts))
-                for r, idx in zip(self.ranks, chunks)]
+                                         {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts))
+                for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return ray.get(refs)[0]
 
     def call_all(self, method: str, *args) -> list:

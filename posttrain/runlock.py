@@ -81,9 +81,11 @@ def run_status(run_dir: str) -> dict:
         latest = f"BROKEN: {err}"
     alive = is_alive(run_dir)
     step = records[-1]["step"] if records else 0
-    finished = os.path.isdir(os.path.join(run_dir, "final")) and step >= cfg.get("total_steps", 0)
+    from posttrain.cli import run_is_finished
+    finished = run_is_finished(run_dir) and step >= cfg.get("total_steps", 0)
     holder = _read_pid(run_dir) if alive else {}
-    return {"run_dir": run_dir, "name": cfg.get("name"), "algorithm": cfg.get("algorithm"),
+    return {"run_dir": run_dir, "name": cfg.get("name"), "algorithm": (cfg.get("algorithm") or {}).get("type") if isinstance(cfg.get("algorithm"), dict)
+            else cfg.get("algorithm"),
             "total_steps": cfg.get("total_steps"), "step": step, "latest_checkpoint": latest, "alive": alive,
             "state": "running" if alive else ("finished" if finished else "stopped (resumable)"),
             "pid": holder.get("pid"), "host": holder.get("host"),

@@ -41,14 +41,14 @@ def tokenizer_fingerprint(model_dir: str) -> dict:
 
 def check_teachers(recipe) -> None:
     """Paths, weights, vocabulary, tokenizer, architecture and k of every teacher; raises TeacherConfigError."""
-    mopd = recipe.mopd
+    mopd = recipe.algorithm
     student_dir = recipe.model.path
     student_cfg = _read_json(os.path.join(student_dir, "config.json"))
     student_vocab = tokenizer_fingerprint(student_dir)
     problems = []
     reference_arch: tuple[str, dict] | None = None
     for i, t in enumerate(mopd.teachers):
-        where = f"`mopd.teachers[{i}]` (teacher {t.name!r})"
+        where = f"`algorithm.teachers[{i}]` (teacher {t.name!r})"
         cfg_path = os.path.join(t.path, "config.json")
         if not os.path.isfile(cfg_path):
             problems.append(f"{where}: {t.path!r} is not a model folder (no config.json); train the teacher "
@@ -83,6 +83,6 @@ def check_teachers(recipe) -> None:
                             "time-share engines by swapping weights, which needs one architecture. Put teachers of "
                             "another architecture in a separate MOPD stage")
         if mopd.top_k > int(cfg.get("vocab_size", mopd.top_k)):
-            problems.append(f"{where}: mopd.top_k = {mopd.top_k} exceeds the vocabulary ({cfg.get('vocab_size')})")
+            problems.append(f"{where}: algorithm.top_k = {mopd.top_k} exceeds the vocabulary ({cfg.get('vocab_size')})")
     if problems:
         raise TeacherConfigError("MOPD teachers are not usable:\n  - " + "\n  - ".join(problems))

@@ -44,7 +44,7 @@ class TeacherEngine(RolloutEngine):
             if "logprobs" in str(err).lower():
                 raise TeacherScoringError(
                     f"teacher engine for {teacher_name!r} cannot return top_k = {top_k} log-probs: {err}. Lower "
-                    "mopd.top_k or raise mopd.max_logprobs (the engine's cap)") from None
+                    "algorithm.top_k or raise algorithm.max_logprobs (the engine's cap)") from None
             raise
 
     # -- scoring -------------------------------------------------------------------------------------------------
@@ -135,4 +135,4 @@ def _repack_vocab_layers(worker) -> int:
 
 @ray.remote
 class TeacherWorker(TeacherEngine):
-    """TeacherEngine as a Ray actor (resources: mopd.engine_cpus / engine_gpus)."""
+    """TeacherEngine as a Ray actor (resources: algorithm.engine_cpus / engine_gpus)."""

@@ -36,7 +36,7 @@ class TeacherPool:
     def __init__(self, recipe, *, kv_cache_gib: float | None = None, max_model_len: int = 1024):
         from teachers.engine import TeacherWorker
 
-        m = recipe.mopd
+        m = recipe.algorithm
         self.names = [t.name for t in m.teachers]
         self.top_k = m.top_k
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Routing: every sample goes to exactly ONE teacher, chosen by a field of its dataset row.
 
-The field is `mopd.route_key` (default `data_source`; a dotted path such as `extra_info.domain` reaches into
+The field is `algorithm.route_key` (default `data_source`; a dotted path such as `extra_info.domain` reaches into
 nested objects). A value no teacher serves is an error, never a silent default, and it is found at start-up by
 scanning the whole dataset (`check_dataset_routing`), not hundreds of steps in. Teachers are never averaged.
 Imports nothing heavy, so `posttrain validate` can run it.
@@ -28,7 +28,7 @@ def route_value(row: dict, route_key: str) -> Any:
 
 
 class TeacherRouter:
-    """label → teacher index, from the recipe's `mopd.teachers[*].labels` (each label belongs to one teacher)."""
+    """label → teacher index, from the recipe's `algorithm.teachers[*].labels` (each label belongs to one teacher)."""
 
     def __init__(self, teachers: Sequence, route_key: str = "data_source"):
         self.route_key = route_key
@@ -47,8 +47,8 @@ class TeacherRouter:
         try:
             label = route_value(row, self.route_key)
         except KeyError:
-            raise RoutingError(f"{where} has no `{self.route_key}` field (mopd.route_key); add it to the row or "
-                               "set mopd.route_key to the field that names the row's domain") from None
+            raise RoutingError(f"{where} has no `{self.route_key}` field (algorithm.route_key); add it to the row or "
+                               "set algorithm.route_key to the field that names the row's domain") from None
         index = self.label_to_teacher.get(str(label)) if isinstance(label, (str, int)) else None
         if index is None:
             raise RoutingError(self._unknown_message({str(label): (1, where)}))
@@ -62,8 +62,8 @@ class TeacherRouter:
             try:
                 label = route_value(row, self.route_key)
             except KeyError:
-                raise RoutingError(f"{what} row {i + 1} has no `{self.route_key}` field (mopd.route_key); add it "
-                                   "or set mopd.route_key to the field that names the row's domain") from None
+                raise RoutingError(f"{what} row {i + 1} has no `{self.route_key}` field (algorithm.route_key); add it "
+                                   "or set algorithm.route_key to the field that names the row's domain") from None
             index = self.label_to_teacher.get(str(label))
             if index is None:
                 count, first = unknown.get(str(label), (0, f"{what} row {i + 1}"))
@@ -79,13 +79,13 @@ class TeacherRouter:
                            for label, (count, first) in sorted(unknown.items()))
         served = ", ".join(f"{self.names[i]} ← {label!r}" for label, i in sorted(self.label_to_teacher.items()))
         return (f"no teacher serves {self.route_key} = {listed}. Teachers: {served}. Add the label to the `labels` "
-                "of the teacher that should score these rows (mopd.teachers[*].labels), or remove the rows; "
+                "of the teacher that should score these rows (algorithm.teachers[*].labels), or remove the rows; "
                 "MOPD never falls back to a default teacher")
 
 
 def check_dataset_routing(recipe, rows_by_split: dict[str, list[dict]]) -> dict[str, collections.Counter]:
     """Route every row of every split (start-up check). Returns {split: Counter(teacher name → rows)}."""
-    router = TeacherRouter(recipe.mopd.teachers, recipe.mopd.route_key)
+    router = TeacherRouter(recipe.algorithm.teachers, recipe.algorithm.route_key)
     out = {}
     for split, rows in rows_by_split.items():
         out[split] = collections.Counter(router.names[i] for i in router.route_rows(rows, split))

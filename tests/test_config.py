@@ -31,7 +31,7 @@ def test_every_shipped_recipe_validates_via_cli(path):
                          capture_output=True, text=True)
     if out.returncode != 0 and os.path.basename(path) in BUILT_BY_COMMAND:
         load_recipe(path, check_files=False)  # the schema itself is valid
-        assert "missing inputs" in out.stderr and "mopd.teachers[" in out.stderr, out.stderr
+        assert "missing inputs" in out.stderr and "algorithm.teachers[" in out.stderr, out.stderr
         return
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok:")
@@ -79,8 +79,8 @@ def test_missing_required_field(tmp_path):
 
 def test_batch_not_divisible_by_minibatches(tmp_path):
     with pytest.raises(RecipeError) as err:
-        load_recipe(_write(tmp_path, BASE + "rollout: {prompts_per_step: 6, n: 3}\ngspo: {mini_batches: 4}\n"))
-    assert "gspo.mini_batches" in str(err.value) and "divisible" in str(err.value)
+        load_recipe(_write(tmp_path, BASE + "rollout: {prompts_per_step: 6, n: 3}\nalgorithm: {type: gspo, mini_batches: 4}\n"))
+    assert "algorithm.mini_batches" in str(err.value) and "divisible" in str(err.value)
 
 
 def test_missing_model_and_data_files(tmp_path):

@@ -68,7 +68,7 @@ def test_raising_and_hanging_rewards_do_not_stop_the_run(tmp_path):
     run_dir = str(tmp_path / "run")
     rewards = os.path.join(REPO, "tests", "data", "misbehaving_rewards.py")
     out = _run(["recipes/smoke.yaml", "total_steps=2", "rollout.prompts_per_step=4", "rollout.n=2",
-                "gspo.mini_batches=1", "data.eval_files=[]", "rewards.timeout_s=5",
+                "algorithm.mini_batches=1", "data.eval_files=[]", "rewards.timeout_s=5",
                 f"rewards.functions=[{{name: posttrain.toy.rewards:exact_answer}}, "
                 f"{{name: '{rewards}:always_raises', weight: 0}}, {{name: '{rewards}:hangs_on_even_rows', weight: 0}}]",
                 "--run-dir", run_dir], timeout=600)

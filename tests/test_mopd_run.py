@@ -24,15 +24,14 @@ def _write_recipe(tmp_path, family, **overrides):
         write_jsonl(make_rows([d], 200, 0, "train"), str(data / f"{d}-train.jsonl"))
         write_jsonl(make_rows([d], 8, 0, "eval"), str(data / f"{d}-eval.jsonl"))
     recipe = {
-        "name": "mopd-test", "algorithm": "mopd", "seed": 0, "total_steps": 10,
+        "name": "mopd-test", "seed": 0, "total_steps": 10,
         "model": {"path": family["student"]},
         "data": {"train_files": [str(data / "add-train.jsonl"), str(data / "sub-train.jsonl")],
                  "eval_files": [str(data / "add-eval.jsonl"), str(data / "sub-eval.jsonl")], "eval_every": 0},
         "rollout": {"prompts_per_step": 8, "n": 4, "max_tokens": 8, "eval_n": 2},
         "rewards": {"functions": [{"name": "posttrain.toy.rewards:exact_answer"}], "max_concurrency": 2},
-        "gspo": {"mini_batches": 1},
         "trainer": {"optimizer": {"lr": 1e-3}},
-        "mopd": {"top_k": 8, "resident_engines": 1, "mini_batches": 1,
+        "algorithm": {"type": "mopd", "top_k": 8, "resident_engines": 1, "mini_batches": 1,
                  "teachers": [{"name": "add", "path": family["add"], "labels": ["toy/add"]},
                               {"name": "sub", "path": family["sub"], "labels": ["toy/sub"]}]},
         "checkpoint": {"every": 5, "keep_last": 2}, "ray": {"num_cpus": 5},

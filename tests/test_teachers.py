@@ -63,10 +63,10 @@ def tiny_family(tmp_path_factory):
 
 def _recipe(student, teachers, **mopd):
     return parse_recipe({
-        "name": "t", "algorithm": "mopd", "total_steps": 1, "model": {"path": student},
+        "name": "t", "total_steps": 1, "model": {"path": student},
         "data": {"train_files": ["x.jsonl"]}, "rewards": {"functions": [{"name": "math"}]},
-        "rollout": {"prompts_per_step": 4, "n": 2}, "gspo": {"mini_batches": 1},
-        "mopd": {"teachers": teachers, **mopd}})
+        "rollout": {"prompts_per_step": 4, "n": 2},
+        "algorithm": {"type": "mopd", "teachers": teachers, **mopd}})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,10 +118,10 @@ def test_run_refuses_a_dataset_with_an_unrouted_label_before_starting_anything(t
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({
-        "name": "bad-route", "algorithm": "mopd", "total_steps": 1, "model": {"path": tiny_family["student"]},
+        "name": "bad-route", "total_steps": 1, "model": {"path": tiny_family["student"]},
         "data": {"train_files": [str(data)]}, "rewards": {"functions": [{"name": "posttrain.toy.rewards:exact_answer"}]},
-        "rollout": {"prompts_per_step": 4, "n": 2}, "gspo": {"mini_batches": 1},
-        "mopd": {"teachers": [{"name": "add", "path": tiny_family["add"], "labels": ["toy/add"]},
+        "rollout": {"prompts_per_step": 4, "n": 2},
+        "algorithm": {"type": "mopd", "teachers": [{"name": "add", "path": tiny_family["add"], "labels": ["toy/add"]},
                               {"name": "sub", "path": tiny_family["sub"], "labels": ["toy/sub"]}]}}))
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--run-dir", str(tmp_path / "run"),
                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -174,7 +174,7 @@ def test_teacher_checks_name_the_teacher_and_the_fix(tmp_path, tiny_family):
 
 def test_k_above_the_logprob_cap_is_a_recipe_error():
     from posttrain.config import RecipeError
-    with pytest.raises(RecipeError, match=r"mopd.top_k = 32 exceeds .* mopd.max_logprobs = 20"):
+    with pytest.raises(RecipeError, match=r"algorithm.top_k = 32 exceeds .* algorithm.max_logprobs = 20"):
         _recipe("s", [{"name": "a", "path": "p", "labels": ["x"]}], top_k=32)
 
 
@@ -219,7 +219,8 @@ def test_teacher_scores_line_up_with_the_student_tokens_and_survive_weight_swaps
     import ray
     from transformers import AutoTokenizer
 
-    from posttrain.trainer.mopd import MOPDTrainerGroup
+    from posttrain.loops.algorithms import make_algorithm
+    from posttrain.orchestration import TrainerGroup
     from teachers.pool import TeacherPool
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_family["student"])
@@ -232,8 +233,8 @@ def test_teacher_scores_line_up_with_the_student_tokens_and_survive_weight_swaps
              runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}})
     try:
         pool = TeacherPool(recipe)
-        trainer = MOPDTrainerGroup(recipe)                   # the student = the "add" teacher's weights
-        student = trainer.compute_old_topk(prompts, responses, 8)
+        trainer = TrainerGroup(recipe, make_algorithm(recipe).objective())  # student = the "add" teacher's weights
+        student = trainer.compute_topk(prompts, responses, 8)
         by_add, m1 = pool.score(prompts, responses, [0, 0, 0])
         assert m1["teachers/swaps"] == 0
         for i, r in enumerate(responses):
@@ -268,6 +269,6 @@ def test_k_above_the_engine_cap_fails_at_engine_start(tiny_family):
     """An engine whose real cap (engine_kwargs.max_logprobs) is below k refuses at start-up, naming the teacher."""
     from teachers.engine import TeacherEngine, TeacherScoringError
 
-    with pytest.raises(TeacherScoringError, match=r"teacher engine for 'add' cannot return top_k = 8.*mopd.top_k"):
+    with pytest.raises(TeacherScoringError, match=r"teacher engine for 'add' cannot return top_k = 8.*algorithm.top_k"):
         TeacherEngine(tiny_family["add"], teacher_name="add", top_k=8, max_logprobs=8,
                       engine_kwargs={"max_logprobs": 4})

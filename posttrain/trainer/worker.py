@@ -1,24 +1,68 @@
 """The trainer: one torch.distributed rank per Ray actor (gloo on CPU, NCCL on GPU), data parallel.
 
-Each rank holds a full replica and averages gradients with all-reduce; the batch is split evenly across ranks.
-(This is the seam where FSDP2 sharding goes for models that do not fit one device: `_wrap_model`.)
-Rank 0 serves weights for the rollout engines and writes checkpoints.
+Each rank holds a full replica and sums gradients with all-reduce; the batch is split evenly across ranks.
+The rank knows no recipe: `trainer_settings` (the builder) turns the recipe into flat, typed `TrainerSettings`,
+and the algorithm hands in its `objective` — a small picklable object whose `loss(rank, prompts, responses,
+arrays)` returns (loss, metrics) for one micro-batch (posttrain/trainer/objectives.py). Rank 0 serves weights
+for the rollout engines and writes checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
 
-from posttrain.algorithms.gspo import gspo_loss
 from posttrain.algorithms.logprobs import sequence_token_logprobs
+from posttrain.algorithms.topk import chunked_topk_and_token_logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    max_grad_norm: float
+    schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    total_steps: int        # optimizer steps over the whole run (sizes the LR schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    model_path: str
+    dtype: str
+    seed: int
+    use_gpu: bool
+    backend: str            # "auto" | "gloo" | "nccl"
+    torch_threads: int
+    micro_batch_size: int
+    logprob_chunk_size: int
+    optimizer: OptimizerSettings
+    objective: Any          # the algorithm's loss: posttrain.trainer.objectives
+
+
+def trainer_settings(recipe, objective) -> TrainerSettings:
+    """The builder: the recipe's trainer-relevant fields, flat and typed, plus the algorithm's objective."""
+    t, opt = recipe.trainer, recipe.trainer.optimizer
+    return TrainerSettings(
+        model_path=recipe.model.path, dtype=recipe.model.dtype, seed=recipe.seed, use_gpu=t.gpus_per_worker > 0,
+        backend=t.backend, torch_threads=t.torch_threads, micro_batch_size=t.micro_batch_size,
+        logprob_chunk_size=t.logprob_chunk_size, objective=objective,
+        optimizer=OptimizerSettings(
+            lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+            max_grad_norm=opt.max_grad_norm, schedule=opt.schedule, warmup_steps=opt.warmup_steps,
+            min_lr_ratio=opt.min_lr_ratio, total_steps=recipe.total_steps * recipe.optimizer_steps_per_step))
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -54,81 +98,112 @@ class TrainerRank:
     """One rank. Construction is cheap; `setup` joins the process group and loads the model, so that the group
     can first ask rank 0 for an address on *its* node (ranks may live on any node of the cluster)."""
 
-    def __init__(self, rank: int, world_size: int, recipe: dict):
-        self.rank, self.world_size, self.cfg = rank, world_size, recipe
+    def __init__(self, rank: int, world_size: int, settings: TrainerSettings):
+        self.rank, self.world_size, self.settings = rank, world_size, settings
+        self.objective = settings.objective
 
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
-        recipe = self.cfg
-        rank, world_size = self.rank, self.world_size
-        trainer_cfg = recipe["trainer"]
-        torch.set_num_threads(trainer_cfg["torch_threads"])
-        self.device = torch.device("cuda", torch.cuda.current_device()) if (
-            trainer_cfg["gpus_per_worker"] > 0 and torch.cuda.is_available()) else torch.device("cpu")
-        backend = trainer_cfg["backend"]
-        if backend == "auto":
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        s = self.settings
+        torch.set_num_threads(s.torch_threads)
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if s.use_gpu and torch.cuda.is_available()
+                       else torch.device("cpu"))
+        backend = s.backend if s.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.manual_seed(recipe["seed"])
-        self.tokenizer = AutoTokenizer.from_pretrained(recipe["model"]["path"])
-        self.model = AutoModelForCausalLM.from_pretrained(
-            recipe["model"]["path"], dtype=_DTYPES[recipe["model"]["dtype"]]).to(self.device)
+        torch.manual_seed(s.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(self.device)
         self.model.config.use_cache = False
-        opt = trainer_cfg["optimizer"]
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
-                                           eps=opt["eps"], weight_decay=opt["weight_decay"])
-        total_opt_steps = recipe["total_steps"] * recipe["gspo"]["mini_batches"] * recipe["gspo"]["epochs"]
+        opt = s.optimizer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                           weight_decay=opt.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(opt["schedule"], opt["warmup_steps"], total_opt_steps, opt["min_lr_ratio"]))
+            self.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, opt.total_steps, opt.min_lr_ratio))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return self.rank
 
     # -- log-probs ----------------------------------------------------------------------------------------------
-    def _logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log πθ of every next token of a packed batch: [N, L-1] (see pack_sequences)."""
         return sequence_token_logprobs(self.model, batch["input_ids"].to(self.device),
-                                       batch["attention_mask"].to(self.device),
-                                       self.cfg["trainer"]["logprob_chunk_size"])
+                                       batch["attention_mask"].to(self.device), self.settings.logprob_chunk_size)
+
+    def response_hidden(self, prompts: list[list[int]], responses: list[list[int]], num_tokens: int):
+        """Final hidden states at the response positions: hidden [n,T,H], response ids [n,T] (0-padded), mask
+        [n,T]. Position j of sequence i is response token j, predicted from hidden state P_i − 1 + j."""
+        batch = pack_sequences(prompts, responses, self.pad_id)
+        ids = batch["input_ids"].to(self.device)
+        attn = batch["attention_mask"].to(self.device)
+        body = self.model.get_decoder()
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        hidden = body(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state   # [n,L,H]
+        n = len(prompts)
+        index = torch.zeros((n, num_tokens), dtype=torch.long, device=self.device)
+        resp_ids = torch.zeros((n, num_tokens), dtype=torch.long, device=self.device)
+        mask = torch.zeros((n, num_tokens), dtype=torch.float32, device=self.device)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            index[i, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=self.device)
+            resp_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=self.device)
+            mask[i, :len(r)] = 1.0
+        hidden_resp = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))          # [n,T,H]
+        return hidden_resp, resp_ids, mask
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
 
     @torch.no_grad()
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         """π_old: the trainer's own log-probs of each response token under the current weights."""
         self.model.eval()
         out: list[list[float]] = []
-        mb = self.cfg["trainer"]["micro_batch_size"]
+        mb = self.settings.micro_batch_size
         for s in range(0, len(prompts), mb):
             batch = pack_sequences(prompts[s:s + mb], responses[s:s + mb], self.pad_id)
-            lp = self._logprobs(batch).float().cpu()
+            lp = self.logprobs(batch).float().cpu()
             for i, (p, r) in enumerate(zip(prompts[s:s + mb], responses[s:s + mb])):
                 out.append(lp[i, len(p) - 1:len(p) - 1 + len(r)].tolist())
         return out
 
+    @torch.no_grad()
+    def compute_topk(self, prompts: list[list[int]], responses: list[list[int]], k: int):
+        """The policy's top-k (ids, log-probs) and log π(y_t) of the sampled token at every response position,
+        chunked over tokens (never [T, V] logits), in the teachers' compact layout (teachers.scores)."""
+        from teachers.scores import TeacherScores
+
+        self.model.eval()
+        mb, chunk = self.settings.micro_batch_size, self.settings.logprob_chunk_size
+        parts = []
+        for s in range(0, len(prompts), mb):
+            P, R = prompts[s:s + mb], responses[s:s + mb]
+            hidden, resp_ids, _ = self.response_hidden(P, R, max(len(r) for r in R))
+            ids, lps, tok = chunked_topk_and_token_logprobs(hidden, self.lm_head_weight, k, resp_ids, chunk)
+            ids, lps, tok = ids.cpu().numpy(), lps.float().cpu().numpy(), tok.float().cpu().numpy()
+            for i, r in enumerate(R):
+                parts.append((ids[i, :len(r)].astype(np.int32), lps[i, :len(r)], tok[i, :len(r)]))
+        return TeacherScores.from_sequences(parts, k)
+
     # -- update -------------------------------------------------------------------------------------------------
-    def train_minibatch(self, prompts: list[list[int]], responses: list[list[int]], old_logprobs: list[list[float]],
-                        advantages: list[float], global_batch_size: int) -> dict[str, float]:
+    def train_minibatch(self, prompts: list[list[int]], responses: list[list[int]], arrays: dict[str, np.ndarray],
+                        global_batch_size: int) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (gradient accumulation over micro-batches).
 
-        The GSPO loss is a mean over sequences; each micro-batch's loss is weighted by its share of the *global*
-        mini-batch, and ranks sum their gradients (all-reduce), which gives exactly the global mean."""
+        `arrays` holds the algorithm's per-sample inputs (first axis = sample), sliced per micro-batch. The
+        objective's loss is a mean over sequences; each micro-batch's loss is weighted by its share of the
+        *global* mini-batch, and ranks sum their gradients (all-reduce), which gives exactly the global mean."""
         self.model.train()
-        gcfg = self.cfg["gspo"]
-        mb = self.cfg["trainer"]["micro_batch_size"]
+        mb = self.settings.micro_batch_size
         metrics_sum: dict[str, float] = {}
         n_micro = 0
         for s in range(0, len(prompts), mb):
-            batch = pack_sequences(prompts[s:s + mb], responses[s:s + mb], self.pad_id)
-            mask = batch["response_mask"].to(self.device)
-            old = torch.zeros_like(mask)
-            for i, (p, lp) in enumerate(zip(prompts[s:s + mb], old_logprobs[s:s + mb])):
-                old[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp, device=self.device)
-            adv = torch.tensor(advantages[s:s + mb], dtype=torch.float32, device=self.device)
-            logprobs = self._logprobs(batch)
-            loss, metrics = gspo_loss(logprobs, old, adv, mask, clip_low=gcfg["clip_low"], clip_high=gcfg["clip_high"])
-            (loss * (mask.shape[0] / global_batch_size)).backward()
+            part = {k: v[s:s + mb] for k, v in arrays.items()}
+            loss, metrics = self.objective.loss(self, prompts[s:s + mb], responses[s:s + mb], part)
+            (loss * (len(prompts[s:s + mb]) / global_batch_size)).backward()
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v
             n_micro += 1
@@ -138,17 +213,24 @@ class TrainerRank:
 
     def optimizer_step(self) -> dict[str, float]:
         """Sum the ranks' gradients (each micro-batch loss was already scaled by its share of the global batch),
-        clip, and step the optimizer and the LR schedule."""
+        clip, and step the optimizer and the LR schedule.
+
+        A non-finite gradient norm (a NaN/inf loss, an overflow) skips the step: the weights, the optimizer
+        state and the schedule stay as they were, and `loss/nonfinite_skipped` = 1 tells the driver, which
+        stops the run after a few such steps in a row. The norm is computed after the all-reduce, so every
+        rank takes the same decision."""
         if self.world_size > 1:
             for p in self.model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.cfg["trainer"]["optimizer"]["max_grad_norm"])
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optimizer.max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss/grad_norm": float(grad_norm), "loss/lr": float(self.scheduler.get_last_lr()[0])}
+        return {"loss/grad_norm": float(grad_norm) if finite else float("nan"),
+                "loss/lr": float(self.scheduler.get_last_lr()[0]), "loss/nonfinite_skipped": float(not finite)}
 
     # -- weights, checkpoints -----------------------------------------------------------------------------------
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
@@ -161,7 +243,7 @@ class TrainerRank:
     def canary_logprobs(self, token_ids: list[int]) -> list[float]:
         self.model.eval()
         batch = pack_sequences([token_ids[:1]], [token_ids[1:]], self.pad_id)
-        return self._logprobs(batch)[0].float().cpu().tolist()
+        return self.logprobs(batch)[0].float().cpu().tolist()
 
     def parameter_checksum(self) -> float:
         return float(sum(p.detach().double().abs().sum() for p in self.model.parameters()))

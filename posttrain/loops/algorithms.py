@@ -1,0 +1,233 @@
+"""Algorithms as small parts of the one loop (posttrain/loops/run.py), chosen by the recipe's `algorithm.type`.
+
+Each part has three steps and two hooks for the console:
+    prepare(recipe, data)          cheap checks before Ray starts (e.g. every row routed to a teacher)
+    start(recipe, actors)          its own actors, appended to `actors` so the loop shuts them down
+    update(batch, trainer, timer)  one rollout batch → optimizer steps; returns the step's metrics
+    progress(record), summarize(records)
+and `objective()`, the trainer-side loss it hands to the trainer ranks (posttrain/trainer/objectives.py).
+Adding an algorithm = a class here + an entry in ALGORITHMS + its settings block in posttrain/config.py.
+"""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import torch
+
+from posttrain.algorithms.grpo import grpo_loss
+from posttrain.algorithms.gspo import group_advantages, gspo_loss
+from posttrain.trainer.objectives import MOPDObjective, PolicyGradientObjective
+from teachers.scores import TeacherScores, padded
+
+
+def whole_group_minibatches(n_samples: int, mini_batches: int) -> list[list[int]]:
+    """Contiguous, in-order mini-batches; the recipe check makes each hold whole prompt groups."""
+    return [[int(k) for k in part] for part in np.array_split(np.arange(n_samples), mini_batches)]
+
+
+class GSPO:
+    """GSPO: group-normalised outcome advantages, π_old recomputed by the trainer, sequence-level clipped ratio
+    (docs/algorithms.md §1)."""
+    policy_loss = staticmethod(gspo_loss)
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.epochs = settings.epochs
+
+    def objective(self):
+        return PolicyGradientObjective(self.policy_loss, self.settings.clip_low, self.settings.clip_high)
+
+    def prepare(self, recipe, data) -> None:
+        pass
+
+    def start(self, recipe, actors: list) -> None:
+        pass
+
+    def update(self, batch, trainer, timer) -> dict[str, float]:
+        a = self.settings
+        with timer.span("update"):
+            advantages = group_advantages(batch.rewards, batch.group_ids, scale_by_std=a.scale_by_std, eps=a.eps)
+            keep = set(range(len(batch.prompts)))
+            if a.filter_equal_reward_groups:  # a group whose rewards are all equal carries no signal
+                keep = {k for k in keep if bool((batch.rewards[batch.group_ids == batch.group_ids[k]]
+                                                 != batch.rewards[k]).any())}
+            old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses)            # π_old
+            metrics = []
+            for _epoch in range(a.epochs):
+                for part in whole_group_minibatches(len(batch.prompts), a.mini_batches):
+                    idx = [k for k in part if k in keep]
+                    if not idx:
+                        continue
+                    T = max(len(batch.responses[k]) for k in idx)
+                    arrays = {"old_logprobs": padded([np.asarray(old_logprobs[k], np.float32) for k in idx], T),
+                              "advantages": advantages[idx].numpy()}
+                    metrics.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
+                                                           [batch.responses[k] for k in idx], arrays))
+        return mean_metrics(metrics)
+
+    def progress(self, record: dict) -> dict[str, str]:
+        return {}
+
+    def summarize(self, records: list[dict]) -> dict:
+        return {}
+
+
+class GRPO(GSPO):
+    """GRPO: GSPO's loop with a per-token clipped ratio (docs/algorithms.md §3). The whole difference is the loss."""
+    policy_loss = staticmethod(grpo_loss)
+
+
+class MOPD:
+    """Multi-teacher on-policy distillation (docs/algorithms.md §2): each sample is routed to ONE teacher, which
+    scores the student's own token ids; per-candidate advantages over the top-k overlap of student and teacher;
+    rewards are logged and enter the loss only through the optional RL mix."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.epochs = 1
+
+    def objective(self):
+        m = self.settings
+        return MOPDObjective(clip_eps=m.clip_eps, empty_overlap_fallback=m.empty_overlap_fallback,
+                             repetition_penalty=m.repetition_penalty, rl_alpha=m.rl_mix.alpha,
+                             rl_clip_low=m.rl_mix.clip_low, rl_clip_high=m.rl_mix.clip_high, loss_form=m.loss_form)
+
+    def prepare(self, recipe, data) -> None:
+        from teachers.checks import check_teachers
+        from teachers.routing import TeacherRouter
+
+        check_teachers(recipe)                                   # paths, tokenizer, vocabulary, architecture
+        self.router = TeacherRouter(self.settings.teachers, self.settings.route_key)
+        self.row_teacher = self.router.route_rows(data.train_rows, "train")   # unknown labels fail here
+        self.router.route_rows(data.eval_rows, "eval")
+        self.tokenizer = data.tokenizer
+
+    def start(self, recipe, actors: list) -> None:
+        from teachers.pool import TeacherPool
+        self.pool = TeacherPool(recipe)
+        actors.append(self.pool)
+
+    def update(self, batch, trainer, timer) -> dict[str, float]:
+        from posttrain.algorithms.token_categories import (category_weights, label_token_categories, loop_starts,
+                                                           token_strings_from_ids)
+        m = self.settings
+        teacher_index = [self.row_teacher[i] for i in batch.row_index]
+        # 1. routed teachers score the student's token ids (grouped by teacher, engines swap weights) ----------
+        with timer.span("teacher"):
+            teacher_scores, teacher_metrics = self.pool.score(batch.prompts, batch.responses, teacher_index)
+        with timer.span("update"):
+            # 2. π_old top-k; token weights, loop points and the optional RL-mix advantages (all at θ_old) -----
+            student_scores = trainer.compute_topk(batch.prompts, batch.responses, m.top_k)
+            raw_weights = None
+            if m.category_weights:
+                special = set(self.tokenizer.all_special_ids)
+                raw_weights = [category_weights(label_token_categories(
+                    token_strings_from_ids(resp, self.tokenizer.decode),
+                    special_token_mask=[x in special for x in resp]), m.category_weights) for resp in batch.responses]
+            outcome_adv = (group_advantages(batch.rewards, batch.group_ids, scale_by_std=m.rl_mix.scale_by_std,
+                                            eps=m.rl_mix.eps).numpy() if m.rl_mix.alpha > 0 else None)
+            starts = loop_starts(batch.responses, min_repeats=m.loop_min_repeats, min_loop_tokens=m.loop_min_tokens)
+
+            def arrays_for(idx: list[int]) -> dict[str, np.ndarray]:
+                return mopd_batch(TeacherScores.from_sequences([student_scores.sequence(k) for k in idx], m.top_k),
+                                  TeacherScores.from_sequences([teacher_scores.sequence(k) for k in idx], m.top_k),
+                                  [batch.responses[k] for k in idx], m,
+                                  rollout_logprobs=[batch.sampling_logprobs[k] for k in idx],
+                                  token_weights_raw=[raw_weights[k] for k in idx] if raw_weights else None,
+                                  loop_start=[starts[k] for k in idx],
+                                  outcome_advantages=outcome_adv[idx] if outcome_adv is not None else None)
+
+            # 3. mini-batch updates (whole prompt groups per mini-batch, in order) ------------------------------
+            every = list(range(len(batch.prompts)))
+            diagnostics = step_metrics(arrays_for(every), m, teacher_index, self.router.names)
+            updates = []
+            for idx in whole_group_minibatches(len(batch.prompts), m.mini_batches):
+                arrays = arrays_for(idx)
+                for diagnostic_only in ("cand_teacher_logprobs", "mask"):
+                    arrays.pop(diagnostic_only)
+                updates.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
+                                                       [batch.responses[k] for k in idx], arrays))
+        return {**diagnostics, **teacher_metrics, **mean_metrics(updates)}
+
+    def progress(self, record: dict) -> dict[str, str]:
+        return {"rkl": f"{record['mopd/reverse_kl']:.3f}"}
+
+    def summarize(self, records: list[dict]) -> dict:
+        rkl = [rec["mopd/reverse_kl"] for rec in records if "mopd/reverse_kl" in rec]
+        # One step's KL is one batch's; compare means over the first and last tenth of the run (at least 3 steps
+        # each) so that the fall is not a single lucky batch.
+        window = max(3, len(rkl) // 10)
+        return {"reverse_kl_first": statistics.fmean(rkl[:window]) if rkl else None,
+                "reverse_kl_last": statistics.fmean(rkl[-window:]) if rkl else None, "reverse_kl_window": window}
+
+
+ALGORITHMS = {"gspo": GSPO, "grpo": GRPO, "mopd": MOPD}
+
+
+def make_algorithm(recipe):
+    return ALGORITHMS[recipe.algorithm.type](recipe.algorithm)
+
+
+def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:
+    keys = per_minibatch[0] if per_minibatch else {}
+    return {k: float(np.mean([m[k] for m in per_minibatch])) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MOPD's per-batch arrays and diagnostics (pure functions of the scores)
+
+
+def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[list[int]], m, *,
+               rollout_logprobs: list[list[float]], token_weights_raw: list[list[float]] | None,
+               loop_start: list[int], outcome_advantages: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Padded [N,T(,k)] arrays of one batch: candidates, π_old, teacher top-k → advantages, weights, gate.
+
+    The advantages are computed here, once per step, at θ_old (they are detached by definition)."""
+    from posttrain.algorithms.mopd import normalise_token_weights, overlap_advantages, train_inference_gate
+
+    T = max(len(r) for r in responses)
+    N = len(responses)
+    seq = lambda scores, part: [scores.sequence(i)[part] for i in range(N)]  # noqa: E731
+    cand_ids = torch.from_numpy(padded(seq(student, 0), T)).long()                       # [N,T,k] S_θ
+    cand_old = torch.from_numpy(padded(seq(student, 1), T))                              # log π_old(S_θ)
+    teacher_ids = torch.from_numpy(padded(seq(teacher, 0), T)).long()                    # [N,T,k] S_T
+    # Padding rows: teacher ids −1 never match a student id, so padded positions have an empty Ω.
+    teacher_ids[torch.from_numpy(padded([np.ones(len(r), bool) for r in responses], T)) == 0] = -1
+    teacher_lp = torch.from_numpy(padded(seq(teacher, 1), T))
+    cand_mask, cand_adv = overlap_advantages(cand_ids, cand_old, teacher_ids, teacher_lp)  # Ω and a_t(v)
+    mask = torch.from_numpy(padded([np.ones(len(r), np.float32) for r in responses], T))
+    sampled_old = torch.from_numpy(padded(seq(student, 2), T))                           # log π_old(y_t)
+    sampled_teacher = torch.from_numpy(padded(seq(teacher, 2), T))                       # log π_T(y_t)
+    token_weights = (normalise_token_weights(torch.from_numpy(padded(
+        [np.asarray(w, np.float32) for w in token_weights_raw], T)), mask) if token_weights_raw is not None
+        else torch.ones_like(mask))
+    out = {"cand_ids": cand_ids.numpy(), "cand_old_logprobs": cand_old.numpy(), "cand_adv": cand_adv.numpy(),
+           "cand_mask": cand_mask.numpy(), "token_weights": token_weights.numpy(),
+           "sampled_old_logprobs": sampled_old.numpy(), "sampled_teacher_logprobs": sampled_teacher.numpy(),
+           "loop_start": np.asarray(loop_start, np.int64), "mask": mask.numpy()}
+    # log π_T at the candidates, for the teacher-mass-on-Ω metric only.
+    same = cand_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)
+    out["cand_teacher_logprobs"] = torch.where(cand_mask, teacher_lp.gather(-1, same.to(torch.uint8).argmax(-1)),
+                                               torch.zeros_like(cand_old)).numpy()
+    if m.gate_low is not None:
+        mu = torch.from_numpy(padded([np.asarray(lp, np.float32) for lp in rollout_logprobs], T))
+        out["gate"] = train_inference_gate(sampled_old, mu, low=m.gate_low, high=m.gate_high).numpy()
+    if outcome_advantages is not None:
+        out["outcome_advantages"] = outcome_advantages.astype(np.float32)
+    return out
+
+
+def step_metrics(batch: dict[str, np.ndarray], m, teacher_index: list[int], names: list[str]) -> dict[str, float]:
+    """The batch's MOPD diagnostics at θ_old, overall and per teacher: mopd_loss evaluated with θ = θ_old."""
+    from posttrain.algorithms.mopd import mopd_loss
+
+    t = {k: torch.from_numpy(v) for k, v in batch.items()}
+    _, metrics = mopd_loss(
+        t["cand_old_logprobs"], t["cand_old_logprobs"], t["cand_adv"], t["cand_mask"], t["token_weights"], t["mask"],
+        gate=t.get("gate"), sampled_logprobs=t["sampled_old_logprobs"], sampled_old_logprobs=t["sampled_old_logprobs"],
+        sampled_teacher_logprobs=t["sampled_teacher_logprobs"], empty_overlap_fallback=m.empty_overlap_fallback,
+        loop_start=t["loop_start"], repetition_penalty=m.repetition_penalty, cand_teacher_logprobs=t["cand_teacher_logprobs"],
+        teacher_index=torch.tensor(teacher_index), teacher_names=names)
+    # loss values at θ_old are not the optimised loss (that is loss/*, from the trainer); keep the diagnostics.
+    return {k: v for k, v in metrics.items() if not k.startswith("mopd/loss")}

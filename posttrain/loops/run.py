@@ -1,0 +1,337 @@
+"""The training loop, top to bottom, for every algorithm:
+
+    prompts → vLLM rollouts → rewards → the algorithm's update (advantages / teacher scoring, mini-batch steps)
+    → weight sync (+ canary) → metrics → evaluation → checkpoint
+
+The algorithm (posttrain/loops/algorithms.py: GSPO, GRPO, MOPD) is a small part with three steps: `prepare`
+(cheap checks before anything heavy starts), `start` (its own actors, e.g. MOPD's teacher engines) and `update`
+(one rollout batch → optimizer steps). Everything else — seeds, data cursor, rewards, weight sync, canary,
+evaluation, checkpoints, resume, restarts — is written once, here.
+
+A resumed run reloads trainer state, data cursor and step, pushes the checkpoint's weights into the engines, and
+continues: per-prompt sampling seeds are derived from (seed, step, prompt), so the rows and samples after a resume
+are the ones an uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+import ray
+import torch
+
+from posttrain import checkpoint as ckpt
+from posttrain.config import Recipe, recipe_hash, recipe_to_dict
+from posttrain.data import DataCursor, DatasetError, encode_prompt, load_prompt_rows
+from posttrain.metrics import MetricsLog, StepTimer, plot_rewards, read_metrics
+from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
+from posttrain.reward_pool import (check_rewards_load, release_reward_servers, reward_fns_from_recipe, reward_metrics,
+                                   score_batch)
+
+
+class StaleWeightsError(RuntimeError):
+    """The engines generate with weights other than the trainer's (the canary), or the update diverged."""
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped with its checkpoint intact; the message says how to continue."""
+
+
+@dataclasses.dataclass
+class RunData:
+    """What a run reads before anything heavy starts: tokenizer, rows and their prompt token ids."""
+    tokenizer: object
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """One step's samples, flat (sample j belongs to prompt group group_ids[j] of dataset row row_index[j])."""
+    row_index: list[int]
+    group_ids: torch.Tensor               # [N]
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    sampling_logprobs: list[list[float]]  # μ: the engine's log-probs of the sampled tokens
+    texts: list[str]
+    finish_reasons: list[str]
+    rewards: torch.Tensor | None = None   # [N], after scoring
+
+
+def sampling_seed(seed: int, step: int, index: int, stream: int = 0) -> int:
+    """Per-request sampling seed; a pure function of (run seed, step, prompt index, stream) for exact resume."""
+    return int(np.random.SeedSequence([seed, stream, step, index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def run(recipe: Recipe, run_dir: str, resume_from: str | None = None, progress: bool = True) -> dict:
+    from posttrain.loops.algorithms import make_algorithm
+    return run_with_restarts(lambda *args: _attempt(make_algorithm(recipe), *args), recipe, run_dir, resume_from,
+                             progress)
+
+
+def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, progress: bool, actors: list) -> dict:
+    from tqdm import tqdm
+
+    t_start = time.time()
+    data = load_run_data(recipe)
+    algorithm.prepare(recipe, data)
+    reward_fns = reward_fns_from_recipe(recipe.rewards)
+    check_rewards_load(reward_fns)
+    cursor = DataCursor(len(data.train_rows), recipe.seed, recipe.data.shuffle)
+    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+    # Fixed canary sequence: a prompt plus a stretch of ordinary tokens.
+    canary_ids = (data.eval_ids or data.train_ids)[0] + data.tokenizer("Answer: 12345",
+                                                                       add_special_tokens=False)["input_ids"]
+    startup = StepTimer()
+    with startup.span("ray_init"):
+        start_ray(recipe)
+    with startup.span("actors"):
+        trainer = TrainerGroup(recipe, algorithm.objective())
+        actors.append(trainer)
+        rollout = RolloutGroup(recipe)
+        actors.append(rollout)
+        algorithm.start(recipe, actors)
+    with startup.span("first_eval_or_restore"):
+        start_step = restore_state(recipe, resume_from, trainer, rollout, cursor, metrics_log, canary_ids)
+        if not resume_from and data.eval_rows:
+            metrics_log.write({"step": 0, **evaluate(recipe, rollout, reward_fns, data)})
+    startup_s = time.time() - t_start
+
+    r = recipe.rollout
+    timer, nonfinite_steps = StepTimer(), 0
+    bar = tqdm(range(start_step + 1, recipe.total_steps + 1), desc=recipe.name, unit="step", disable=not progress,
+               initial=start_step, total=recipe.total_steps, dynamic_ncols=True)
+    for step in bar:
+        timer.start_step()
+        # 1. prompts and rollouts -----------------------------------------------------------------------------
+        with timer.span("rollout"):
+            rows_idx = cursor.next_indices(r.prompts_per_step)
+            seeds = [sampling_seed(recipe.seed, step, j) for j in range(len(rows_idx))]
+            groups = rollout.generate([data.train_ids[i] for i in rows_idx], seeds, n=r.n, temperature=r.temperature,
+                                      top_p=r.top_p, max_tokens=r.max_tokens)
+            batch = flatten_groups(rows_idx, groups, data.train_ids)
+        # 2. rewards ------------------------------------------------------------------------------------------
+        with timer.span("reward"):
+            samples = [reward_sample(data.train_rows[i], text) for i, text in zip(batch.row_index, batch.texts)]
+            results = score_rewards(recipe, reward_fns, samples)
+            batch.rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
+        # 3. the algorithm's update (advantages or teacher scoring, then mini-batch optimizer steps) ------------
+        update_metrics = algorithm.update(batch, trainer, timer)
+        nonfinite_steps = nonfinite_steps + 1 if update_metrics.get("loss/nonfinite_skipped", 0) > 0 else 0
+        if nonfinite_steps >= recipe.trainer.max_nonfinite_steps:
+            raise StaleWeightsError(
+                f"step {step}: the loss or gradient norm was not finite in {nonfinite_steps} steps in a row (the "
+                f"updates were skipped, the weights are those of the last good step); check the rewards "
+                f"(reward/ metrics) and the learning rate. The latest checkpoint is intact.")
+        # 4. weight sync + canary -----------------------------------------------------------------------------
+        with timer.span("sync"):
+            engine_load_s = rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), step)
+            canary_diff = check_canary(recipe, trainer, rollout, canary_ids, step)
+        # 5. metrics ------------------------------------------------------------------------------------------
+        n_tokens = sum(len(x) for x in batch.responses)
+        record = {"step": step, **reward_metrics(results, [data.train_rows[i]["data_source"] for i in batch.row_index]),
+                  **update_metrics, **timer.metrics(), "time/engine_load_s": engine_load_s,
+                  "throughput/tokens_per_s": n_tokens / timer.elapsed(),
+                  "throughput/rollout_tokens_per_s": n_tokens / timer.spans["rollout"],
+                  "throughput/trainer_tokens_per_s": n_tokens * algorithm.epochs / timer.spans["update"],
+                  "rollout/response_len_mean": n_tokens / len(batch.responses),
+                  "rollout/truncated_frac": sum(f == "length" for f in batch.finish_reasons) / len(batch.responses),
+                  "rollout/equal_reward_group_frac": equal_reward_group_frac(batch.rewards, batch.group_ids),
+                  "rollout/canary_max_abs_diff": canary_diff, "data/epoch": cursor.epoch}
+        # 6. evaluation and checkpoint ------------------------------------------------------------------------
+        if data.eval_rows and ((recipe.data.eval_every and step % recipe.data.eval_every == 0)
+                               or step == recipe.total_steps):
+            record.update(evaluate(recipe, rollout, reward_fns, data))
+        metrics_log.write(record)
+        if step % recipe.checkpoint.every == 0 or step == recipe.total_steps:
+            save_checkpoint(recipe, run_dir, step, trainer, cursor)
+        bar.set_postfix(**algorithm.progress(record), reward=f"{record['reward/mean']:.3f}",
+                        tok_s=f"{record['throughput/tokens_per_s']:.0f}",
+                        **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
+    bar.close()
+
+    summary, records = finish_run(recipe, run_dir, trainer, metrics_log)
+    return {**summary, **algorithm.summarize(records), "startup_s": startup_s,
+            "startup_breakdown": {k.removeprefix("time/"): v for k, v in startup.metrics().items()
+                                  if k.endswith("_s") and k != "time/step_s"},
+            "wall_s": time.time() - t_start}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of a step
+
+
+def load_run_data(recipe: Recipe) -> RunData:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    train_rows = load_prompt_rows(recipe.data.train_files)
+    eval_rows = load_prompt_rows(recipe.data.eval_files)[:recipe.data.eval_max_prompts]
+    return RunData(tokenizer, train_rows, eval_rows,
+                   prepare_prompts(train_rows, tokenizer, recipe.data.max_prompt_tokens, "train"),
+                   prepare_prompts(eval_rows, tokenizer, recipe.data.max_prompt_tokens, "eval"))
+
+
+def prepare_prompts(rows: list[dict], tokenizer, max_tokens: int, what: str) -> list[list[int]]:
+    ids = []
+    for i, row in enumerate(rows):
+        p = encode_prompt(tokenizer, row["prompt"])
+        if len(p) > max_tokens:
+            raise DatasetError(f"{what} row {i + 1}: prompt is {len(p)} tokens, over data.max_prompt_tokens = "
+                               f"{max_tokens}; shorten it or raise the limit")
+        ids.append(p)
+    return ids
+
+
+def flatten_groups(rows_idx: list[int], groups: list[list[dict]], prompt_ids: list[list[int]]) -> RolloutBatch:
+    """The engine's [prompt][sample] output as one flat batch, in order (a group's samples stay together)."""
+    flat = [(gid, i, s) for gid, (i, group) in enumerate(zip(rows_idx, groups)) for s in group]
+    return RolloutBatch(row_index=[i for _, i, _ in flat], group_ids=torch.tensor([gid for gid, _, _ in flat]),
+                        prompts=[prompt_ids[i] for _, i, _ in flat], responses=[s["token_ids"] for _, _, s in flat],
+                        sampling_logprobs=[s["logprobs"] for _, _, s in flat], texts=[s["text"] for _, _, s in flat],
+                        finish_reasons=[s["finish_reason"] for _, _, s in flat])
+
+
+def reward_sample(row: dict, text: str) -> dict:
+    return {"data_source": row["data_source"], "solution": text, "ground_truth": row["reward_model"]["ground_truth"],
+            "extra_info": row["extra_info"]}
+
+
+def score_rewards(recipe: Recipe, reward_fns, samples: list[dict]) -> list[dict]:
+    """score_batch with the recipe's limits (`rewards.timeout_s`, `max_concurrency`, `samples_per_task`)."""
+    r = recipe.rewards
+    return score_batch(reward_fns, samples, timeout_s=r.timeout_s, max_concurrency=r.max_concurrency,
+                       samples_per_task=r.samples_per_task)
+
+
+def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, data: RunData) -> dict[str, float]:
+    """Held-out reward: eval_n samples per prompt at eval_temperature with fixed seeds (the same every time, so
+    evaluations differ only through the weights)."""
+    r = recipe.rollout
+    seeds = [sampling_seed(recipe.seed, 0, i, stream=1) for i in range(len(data.eval_rows))]
+    # vLLM clamps temperatures below 0.01; 0 means greedy there.
+    groups = rollout.generate(data.eval_ids, seeds, n=r.eval_n, temperature=r.eval_temperature, top_p=1.0,
+                              max_tokens=r.max_tokens)
+    pairs = [(row, s["text"]) for row, group in zip(data.eval_rows, groups) for s in group]
+    results = score_rewards(recipe, reward_fns, [reward_sample(row, text) for row, text in pairs])
+    return reward_metrics(results, [row["data_source"] for row, _ in pairs], prefix="eval/reward")
+
+
+def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, canary_ids: list[int],
+                 step: int) -> float:
+    """Stale-weights canary: engine and trainer log-probs of a fixed sequence must agree after every sync.
+    A NaN anywhere fails it (NaN compares false with everything, so the test is `not diff <= tolerance`)."""
+    reference = np.array(trainer.call_rank0("canary_logprobs", canary_ids))
+    worst = 0.0
+    for w, engine_lp in enumerate(rollout.canary(canary_ids)):
+        diff = float(np.max(np.abs(np.array(engine_lp) - reference)))
+        worst = max(worst, diff)
+        if not diff <= recipe.rollout.canary_tolerance:
+            raise StaleWeightsError(
+                f"weight-sync canary failed at step {step}: rollout worker {w}'s log-probs differ from the "
+                f"trainer's by {diff:.2e} (> rollout.canary_tolerance = {recipe.rollout.canary_tolerance:g}; NaN "
+                "means non-finite weights). The engine is generating with stale or corrupted weights; the run "
+                "stops rather than train on them.")
+    return worst
+
+
+def equal_reward_group_frac(rewards: torch.Tensor, gids: torch.Tensor) -> float:
+    groups = gids.unique()
+    equal = sum(bool((rewards[gids == gid] == rewards[gids == gid][0]).all()) for gid in groups)
+    return equal / max(len(groups), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start, end, checkpoints, restarts
+
+
+def finish_run(recipe: Recipe, run_dir: str, trainer: TrainerGroup, metrics_log: MetricsLog) -> tuple[dict, list]:
+    """The end of every run: the model in Hugging Face format in RUN_DIR/final (written into a temporary folder
+    and renamed, so a kill leaves no half-written final/), the reward curve, and the held-out reward before →
+    after. Returns (summary, all metrics records)."""
+    final_dir = os.path.join(run_dir, "final")
+    partial = os.path.join(run_dir, f".final.tmp-{os.getpid()}")
+    trainer.call_rank0("save_hf", partial)
+    ckpt.replace_dir(partial, final_dir)
+    trainer.call_all("shutdown")
+    records = read_metrics(metrics_log.path)
+    plot_rewards(metrics_log.path, os.path.join(run_dir, "reward_curve.png"), title=recipe.name)
+    evals = [rec["eval/reward/mean"] for rec in records if "eval/reward/mean" in rec]
+    summary = {"eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+               "steps": recipe.total_steps, "final_dir": final_dir}
+    return summary, records
+
+
+def restore_state(recipe: Recipe, resume_from: str | None, trainer: TrainerGroup, rollout: RolloutGroup,
+                  cursor: DataCursor, metrics_log: MetricsLog, canary_ids: list[int]) -> int:
+    """Continue from a checkpoint (trainer weights, optimizer, schedule, RNG; data cursor; metrics after it
+    dropped, so no step is counted twice; engines given the checkpoint's weights and checked by the canary), or
+    begin afresh. Returns the step to continue after."""
+    if not resume_from:
+        metrics_log.truncate_after(-1)  # a fresh start (or a restart before the first checkpoint)
+        return 0
+    state = ckpt.load_driver_state(resume_from)
+    trainer.call_all("load_state", resume_from)
+    cursor.load_state_dict(state["cursor"])
+    start_step = state["step"]
+    metrics_log.truncate_after(start_step)
+    rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), start_step)
+    check_canary(recipe, trainer, rollout, canary_ids, start_step)
+    return start_step
+
+
+def save_checkpoint(recipe: Recipe, run_dir: str, step: int, trainer: TrainerGroup, cursor: DataCursor) -> None:
+    """Every rank writes its state into the temporary folder; the driver adds its own and commits atomically."""
+    tmp = ckpt.begin(run_dir, step)
+    trainer.call_all("save_state", tmp)
+    driver_state = {"step": step, "cursor": cursor.state_dict(), "recipe_hash": recipe_hash(recipe),
+                    "recipe": recipe_to_dict(recipe)}
+    ckpt.commit(run_dir, tmp, step, driver_state, recipe.checkpoint.keep_last)
+
+
+LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                      ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+                      ray.exceptions.ActorUnavailableError)
+
+
+def run_with_restarts(attempt, recipe: Recipe, run_dir: str, resume_from: str | None, progress: bool) -> dict:
+    """Run `attempt`; when an actor or a whole node is lost, tear the actors down, and start again from the
+    latest checkpoint (at most ray.max_restarts times, each logged). Beyond that, or when the actors cannot be
+    placed again, exit with a clear message and the checkpoint intact, so that the same command resumes."""
+    from posttrain.orchestration import ActorStartError
+
+    restarts = 0
+    while True:
+        actors: list = []
+        try:
+            return attempt(recipe, run_dir, resume_from, progress, actors)
+        except LOST_WORKER_ERRORS as err:
+            latest = ckpt.latest_checkpoint(run_dir)
+            where = latest or "the beginning (no checkpoint yet)"
+            if restarts >= recipe.ray.max_restarts:
+                raise RunInterrupted(
+                    f"lost a Ray worker ({type(err).__name__}: {str(err).splitlines()[0][:200]}) and "
+                    f"ray.max_restarts = {recipe.ray.max_restarts} restarts are used up; the latest checkpoint "
+                    f"({where}) is intact: re-run the same command to resume") from None
+            restarts += 1
+            log_event(run_dir, f"lost a Ray worker ({type(err).__name__}); restart {restarts}/"
+                               f"{recipe.ray.max_restarts} from {where}")
+            resume_from = latest
+        except ActorStartError as err:
+            raise RunInterrupted(str(err)) from None
+        finally:
+            for group in actors:
+                group.shutdown()
+            release_reward_servers()
+
+
+def log_event(run_dir: str, message: str) -> None:
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+    print(line, file=sys.stderr, flush=True)
+    with open(os.path.join(run_dir, "events.log"), "a") as f:
+        f.write(line + "\n")

@@ -1,0 +1,232 @@
+"""The one loop and its algorithm parts: the recipe's algorithm block, GRPO as a third part, the non-finite guard,
+the NaN canary, an atomic end of run, and no process of a run outliving it."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from posttrain.config import RecipeError, parse_recipe
+from tests.conftest import REPO
+
+BASE = {"name": "x", "total_steps": 1, "model": {"path": "m"}, "data": {"train_files": ["a.jsonl"]},
+        "rewards": {"functions": [{"name": "math"}]}}
+TEACHERS = [{"name": "a", "path": "p", "labels": ["x"]}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm block
+
+
+@pytest.mark.unit
+def test_each_algorithm_reads_only_its_own_block():
+    # MOPD with 5 mini-batches used to be refused because of gspo.mini_batches = 4 (not divisible).
+    recipe = parse_recipe({**BASE, "rollout": {"prompts_per_step": 5, "n": 4},
+                           "algorithm": {"type": "mopd", "mini_batches": 5, "teachers": TEACHERS}})
+    assert recipe.algorithm.type == "mopd" and recipe.optimizer_steps_per_step == 5
+    assert parse_recipe(BASE).algorithm.type == "gspo"          # the default algorithm
+    grpo = parse_recipe({**BASE, "algorithm": {"type": "grpo"}}).algorithm
+    assert (grpo.clip_low, grpo.clip_high) == (0.2, 0.28)          # its own defaults, not GSPO's 3e-4 / 4e-4
+
+
+@pytest.mark.unit
+def test_algorithm_errors_name_the_users_path():
+    with pytest.raises(RecipeError, match=r"`algorithm.clip_lo`: unknown key; did you mean `algorithm.clip_low`"):
+        parse_recipe({**BASE, "algorithm": {"type": "gspo", "clip_lo": 0.1}})
+    with pytest.raises(RecipeError, match=r"`algorithm.teachers`: required field is missing"):
+        parse_recipe({**BASE, "algorithm": {"type": "mopd"}})
+    with pytest.raises(RecipeError, match=r"does not match any of the expected tags: 'gspo', 'grpo', 'mopd'"):
+        parse_recipe({**BASE, "algorithm": {"type": "ppo"}})
+    with pytest.raises(RecipeError, match=r"`algorithm.rl_mix.alpha`"):
+        parse_recipe({**BASE, "algorithm": {"type": "mopd", "teachers": TEACHERS, "rl_mix": {"alpha": -1}}})
+
+
+@pytest.mark.unit
+def test_old_recipe_shape_gets_its_rewrite():
+    old = {**BASE, "algorithm": "mopd", "gspo": {"mini_batches": 1, "clip_low": 1e-3},
+           "mopd": {"top_k": 8, "rl_alpha": 0.5, "teachers": TEACHERS}}
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(old)
+    message = str(err.value)
+    assert "old shape" in message and "type: mopd" in message and "delete the `mopd:` section" in message
+    # The suggested block is itself a valid recipe: the RL-mix settings moved under algorithm.rl_mix.
+    assert "rl_mix:" in message and "alpha: 0.5" in message and "clip_low: 0.001" in message
+    fixed = {**BASE, "algorithm": {"type": "mopd", "top_k": 8, "teachers": TEACHERS,
+                                   "rl_mix": {"alpha": 0.5, "clip_low": 1e-3}}}
+    assert parse_recipe(fixed).algorithm.rl_mix.alpha == 0.5
+    with pytest.raises(RecipeError, match=r"type: gspo\n +mini_batches: 2"):
+        parse_recipe({**BASE, "algorithm": "gspo", "gspo": {"mini_batches": 2}})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO, the third algorithm part
+
+
+@pytest.mark.unit
+def test_grpo_loss_is_the_token_level_ppo_clip():
+    from posttrain.algorithms.grpo import grpo_loss
+
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.8, 0.5, 0.1], [0.6, 0.5, 0.5]]))          # ratios 1.6, 1, 0.2 / 1.2, 1, (pad)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, metrics = grpo_loss(new, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    # seq 0 (A=+1): min(1.6, 1.28)=1.28, 1, min(0.2, 0.8)=0.2 → mean 0.8267; seq 1 (A=−1): min(−1.2, −1.2)… = −1.2, −1
+    expected = -((1.28 + 1.0 + 0.2) / 3 + (-1.2 - 1.0) / 2) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert metrics["loss/clip_frac"] == pytest.approx(1 / 5)   # only the 1.6 token is clipped
+
+
+@pytest.mark.unit
+def test_grpo_and_gspo_have_the_same_gradient_at_the_old_policy():
+    """At θ = θ_old both ratios are 1 and nothing is clipped: both gradients are −(1/N) Σ_i A_i mean_t ∇log πθ."""
+    from posttrain.algorithms.grpo import grpo_loss
+    from posttrain.algorithms.gspo import gspo_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, requires_grad=True)
+    mask = (torch.rand(4, 6) > 0.3).float()
+    adv = torch.randn(4)
+    grads = []
+    for fn in (grpo_loss, gspo_loss):
+        lp = torch.nn.functional.logsigmoid(logits)
+        loss, _ = fn(lp, lp.detach(), adv, mask)
+        grads.append(torch.autograd.grad(loss, logits)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guards: non-finite updates, NaN canary
+
+
+@pytest.fixture(scope="module")
+def trainer_rank():
+    """A real TrainerRank on the toy model, world size 1 (gloo), no Ray."""
+    import torch.distributed as dist
+
+    from posttrain.algorithms.gspo import gspo_loss
+    from posttrain.trainer.objectives import PolicyGradientObjective
+    from posttrain.trainer.worker import TrainerRank, free_port, trainer_settings
+
+    recipe = parse_recipe({**BASE, "model": {"path": os.path.join(REPO, "posttrain/toy/assets/toy-base")},
+                           "trainer": {"optimizer": {"lr": 1e-3}}})
+    rank = TrainerRank(0, 1, trainer_settings(recipe, PolicyGradientObjective(gspo_loss, 3e-4, 4e-4)))
+    rank.setup("127.0.0.1", free_port())
+    yield rank
+    dist.destroy_process_group()
+
+
+@pytest.mark.unit
+def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone(trainer_rank):
+    prompts, responses = [[1, 2, 3], [1, 2, 4]], [[5, 6], [7, 8, 9]]
+    old = trainer_rank.compute_logprobs(prompts, responses)
+    arrays = {"old_logprobs": np.array([old[0] + [0.0], old[1]], np.float32)}
+    before = {k: v.clone() for k, v in trainer_rank.model.state_dict().items()}
+    lr_before = trainer_rank.scheduler.get_last_lr()
+    out = trainer_rank.train_minibatch(prompts, responses, {**arrays, "advantages": np.array([np.nan, 1.0],
+                                                                                           np.float32)}, 2)
+    assert out["loss/nonfinite_skipped"] == 1.0 and np.isnan(out["loss/grad_norm"])
+    assert all(torch.equal(before[k], v) for k, v in trainer_rank.model.state_dict().items())
+    assert trainer_rank.scheduler.get_last_lr() == lr_before and not trainer_rank.optimizer.state
+    out = trainer_rank.train_minibatch(prompts, responses, {**arrays, "advantages": np.array([1.0, -1.0],
+                                                                                           np.float32)}, 2)
+    assert out["loss/nonfinite_skipped"] == 0.0
+    assert not all(torch.equal(before[k], v) for k, v in trainer_rank.model.state_dict().items())
+
+
+@pytest.mark.unit
+def test_the_canary_fails_on_nan():
+    from posttrain.loops.run import StaleWeightsError, check_canary
+
+    class Trainer:
+        def call_rank0(self, method, ids):
+            return [-1.0, -2.0]
+
+    class Rollout:
+        def __init__(self, values):
+            self.values = values
+
+        def canary(self, ids):
+            return [self.values]
+
+    recipe = parse_recipe(BASE)
+    assert check_canary(recipe, Trainer(), Rollout([-1.0, -2.0005]), [1, 2, 3], 1) == pytest.approx(5e-4)
+    with pytest.raises(StaleWeightsError, match="NaN means non-finite weights"):
+        check_canary(recipe, Trainer(), Rollout([-1.0, float("nan")]), [1, 2, 3], 1)
+
+
+@pytest.mark.unit
+def test_step_timer_spans():
+    from posttrain.metrics import StepTimer
+
+    timer = StepTimer()
+    timer.start_step()
+    with timer.span("rollout"):
+        pass
+    with timer.span("update"):
+        pass
+    with timer.span("update"):
+        pass
+    m = timer.metrics()
+    assert set(m) == {"time/step_s", "time/rollout_s", "time/update_s", "time/rollout_share", "time/update_share"}
+    assert 0 <= m["time/rollout_s"] + m["time/update_s"] <= m["time/step_s"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: GRPO through the one loop; an end of run that completes; no process outlives the run
+
+
+def _ray_pids() -> set[int]:
+    import psutil
+    out = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+            out.add(proc.info["pid"])
+    return out
+
+
+@pytest.mark.integration
+def test_grpo_run_with_a_thread_leaking_reward_leaves_no_process_and_ends_atomically(tmp_path):
+    reward = tmp_path / "leaky.py"
+    reward.write_text(textwrap.dedent("""
+        import threading, time
+        from posttrain.toy.rewards import exact_answer
+
+        def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+            # A careless reward: a non-daemon thread that never ends keeps its worker process alive.
+            threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+            return exact_answer(data_source, solution_str, ground_truth, extra_info)
+    """))
+    run_dir = str(tmp_path / "run")
+    before = _ray_pids()
+    args = [sys.executable, "-m", "posttrain.cli", "run", "recipes/smoke.yaml", "total_steps=2",
+            "algorithm.type=grpo", f"rewards.functions=[{{name: {reward}:compute_score}}]", "--run-dir", run_dir,
+            "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "reward/mean" in r] == [1, 2]
+    assert all("loss/ratio_mean" in r for r in records if "reward/mean" in r)   # GRPO's own loss ran
+    leftover = _ray_pids() - before
+    assert not leftover, f"processes of the run outlived it: {leftover}"
+
+    # A kill between the final model and the summary: the run is not finished, and the same command completes
+    # the end (no step trained again, no metric line added).
+    os.remove(os.path.join(run_dir, "summary.json"))
+    os.remove(os.path.join(run_dir, "final", "COMPLETE"))
+    status = subprocess.run([sys.executable, "-m", "posttrain.cli", "status", run_dir, "--json"], cwd=REPO,
+                            capture_output=True, text=True, env=env)
+    assert json.loads(status.stdout)["state"] != "finished", status.stdout
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "nothing to do" not in again.stdout, again.stderr[-3000:]
+    assert os.path.isfile(os.path.join(run_dir, "summary.json"))
+    assert os.path.isfile(os.path.join(run_dir, "final", "COMPLETE"))
+    assert [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))] == records
+    third = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0 and "nothing to do" in third.stdout
