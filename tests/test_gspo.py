@@ -1,4 +1,4 @@
-"""GSPO pure functions against hand-computed values (ALGORITHMS.md §1)."""
+"""GSPO pure functions against hand-computed values (docs/algorithms.md §1)."""
 import math
 
 import pytest
@@ -104,3 +104,29 @@ def test_token_form_with_constant_advantages_matches_sequence_form_gradient():
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match=r"must all be \[N,T\]"):
         gspo_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_token_advantages", [False, True])
+def test_gspo_loss_from_its_pieces_is_bitwise_the_pre_split_function(dtype, per_token_advantages):
+    # gspo_loss is now sequence_mean(gspo_token_loss(...)) (the pieces MOPD's RL mix reuses): same bits as before.
+    from tests.frozen_pre_split import old_gspo_loss
+
+    gen = torch.Generator().manual_seed(3)
+    old = -3 * torch.rand(6, 8, generator=gen, dtype=dtype)
+    # per-sequence log-ratios of ±1e-3 against a clip range of 3e-4/4e-4: some sequences clipped, some not
+    shift = torch.randn(6, 1, generator=gen, dtype=dtype)
+    new_value = old + 1e-3 * (shift + torch.randn(6, 8, generator=gen, dtype=dtype))
+    mask = (torch.arange(8).unsqueeze(0) < torch.tensor([8, 5, 1, 0, 3, 7]).unsqueeze(-1)).to(dtype)
+    adv = torch.randn(6, 8, generator=gen, dtype=dtype) if per_token_advantages else torch.randn(6, generator=gen,
+                                                                                                   dtype=dtype)
+    results = []
+    for fn in (gspo_loss, old_gspo_loss):
+        lp = new_value.clone().requires_grad_()
+        loss, metrics = fn(lp, old, adv, mask)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, metrics))
+    assert 0 < results[1][2]["loss/clip_frac"] < 1, "the inputs should clip some sequences and not others"
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]

@@ -1,4 +1,4 @@
-"""MOPD math (ALGORITHMS.md §2.2): hand-computed values, the gradient identity, and the literal form's zero gradient."""
+"""MOPD math (docs/algorithms.md §2): hand-computed values, the gradient identity, and the literal form's zero gradient."""
 import math
 
 import pytest
@@ -6,9 +6,13 @@ import torch
 
 from posttrain.algorithms.gspo import gspo_loss
 from posttrain.algorithms.mopd import (
+    MOPDBatch,
+    MOPDLossSettings,
     candidate_advantages,
     keye_literal_loss,
     mopd_loss,
+    mopd_metrics,
+    mopd_objective,
     normalise_token_weights,
     overlap_advantages,
     per_teacher_metrics,
@@ -395,3 +399,162 @@ def test_student_side_pipeline_from_hidden_states():
     loss.backward()
     assert h.grad.abs().max() > 1e-4
     assert 0.0 < metrics["mopd/overlap_ratio"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The split API: bitwise the pre-split numbers, and the two objects the trainer passes
+# ---------------------------------------------------------------------------------------------------------
+
+def _random_batch(dtype, seed=0, n=5, t=9, k=4):
+    """Every optional input present, values in the ranges training sees (some clipped, some empty Ω, loops)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=dtype)
+
+    cand_old = torch.log_softmax(randn(n, t, k + 3), -1)[..., :k]
+    cand_mask = rand(n, t, k) < 0.6
+    cand_mask[0, 1] = False                                                  # an empty Ω
+    cand_adv = torch.where(cand_mask, 0.5 * randn(n, t, k), torch.zeros(n, t, k, dtype=dtype))
+    lengths = torch.tensor([t, t - 2, 1, 0, t - 4])                          # one fully masked row
+    mask = (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(-1)).to(dtype)
+    old_y = -3 * rand(n, t)
+    return dict(
+        cand_logprobs=cand_old + 0.3 * randn(n, t, k), cand_old_logprobs=cand_old, cand_adv=cand_adv,
+        cand_mask=cand_mask, token_weights=0.2 + 2 * rand(n, t), mask=mask, gate=1.5 * rand(n, t),
+        sampled_logprobs=old_y + 0.01 * randn(n, t), sampled_old_logprobs=old_y,
+        sampled_teacher_logprobs=-3 * rand(n, t), loop_start=torch.tensor([3, -1, 0, 2, t]),
+        outcome_advantages=randn(n), cand_teacher_logprobs=torch.log_softmax(randn(n, t, k + 2), -1)[..., :k],
+        teacher_index=torch.tensor([0, 1, 1, 0, 2]))
+
+
+_OPTION_SETS = {
+    "plain": dict(),
+    "clip": dict(clip_eps=0.2),
+    "fallback": dict(empty_overlap_fallback=True, clip_eps=0.2),
+    "repetition": dict(repetition_penalty=0.7),
+    "rl": dict(rl_alpha=0.3),
+    "all": dict(clip_eps=0.2, empty_overlap_fallback=True, repetition_penalty=0.7, rl_alpha=0.3,
+                rl_clip_low=3e-4, rl_clip_high=4e-4),
+}
+
+
+def _loss_and_grads(fn, inputs, options):
+    cand_lp = inputs["cand_logprobs"].clone().requires_grad_()
+    lp_y = inputs["sampled_logprobs"].clone().requires_grad_()
+    others = {key: value for key, value in inputs.items() if key not in ("cand_logprobs", "sampled_logprobs")}
+    positional = [others.pop(name) for name in ("cand_old_logprobs", "cand_adv", "cand_mask", "token_weights", "mask")]
+    loss, metrics = fn(cand_lp, *positional, sampled_logprobs=lp_y, teacher_names=["a", "b", "c"], **others,
+                       **options)
+    loss.backward()
+    return loss.detach(), cand_lp.grad, lp_y.grad, metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("options", list(_OPTION_SETS), ids=list(_OPTION_SETS))
+def test_split_mopd_loss_is_bitwise_the_pre_split_function(options, dtype):
+    from tests.frozen_pre_split import old_mopd_loss
+
+    for seed in range(3):
+        inputs = _random_batch(dtype, seed=seed)
+        new = _loss_and_grads(mopd_loss, inputs, _OPTION_SETS[options])
+        old = _loss_and_grads(old_mopd_loss, inputs, _OPTION_SETS[options])
+        assert torch.equal(new[0], old[0]), (new[0], old[0])
+        assert torch.equal(new[1], old[1]), "gradient at the candidates differs"
+        if old[2] is None:
+            assert new[2] is None or torch.count_nonzero(new[2]) == 0
+        else:
+            assert torch.equal(new[2], old[2]), "gradient at the sampled tokens differs"
+        assert new[3] == old[3]                                   # every metric, exactly
+
+
+def test_mopd_objective_with_batch_and_settings_is_the_flat_call():
+    inputs = _random_batch(torch.float32, seed=4)
+    options = _OPTION_SETS["all"]
+    loss_flat, grad_cand_flat, grad_y_flat, metrics_flat = _loss_and_grads(mopd_loss, inputs, options)
+
+    arrays = {key: value.numpy() for key, value in inputs.items() if key not in ("cand_logprobs", "sampled_logprobs")}
+    batch = MOPDBatch.from_arrays(arrays)
+    settings = MOPDLossSettings(**options)
+    assert settings.needs_sampled_logprobs and not MOPDLossSettings().needs_sampled_logprobs
+    cand_lp = inputs["cand_logprobs"].clone().requires_grad_()
+    lp_y = inputs["sampled_logprobs"].clone().requires_grad_()
+    loss, token_losses = mopd_objective(batch, settings, cand_logprobs=cand_lp, sampled_logprobs=lp_y)
+    assert list(token_losses) == ["distillation", "empty_overlap_fallback", "repetition", "rl"]
+    assert all(term.shape == (5, 9) for term in token_losses.values())
+    loss.backward()
+    assert torch.equal(loss.detach(), loss_flat)
+    assert torch.equal(cand_lp.grad, grad_cand_flat) and torch.equal(lp_y.grad, grad_y_flat)
+    metrics = mopd_metrics(batch, settings, token_losses=token_losses, cand_logprobs=cand_lp,
+                           sampled_logprobs=lp_y, teacher_names=["a", "b", "c"])
+    assert metrics == metrics_flat
+    # The per-term losses add up to the loss (each is a sequence mean of its weighted per-token term).
+    parts = metrics["mopd/loss_distill"] + metrics["mopd/loss_repetition"] + metrics["mopd/loss_rl"]
+    assert parts == pytest.approx(metrics["mopd/loss"], rel=1e-5)
+
+
+def test_keye_literal_form_is_bitwise_the_pre_split_ablation():
+    from tests.frozen_pre_split import old_keye_literal_loss
+
+    inputs = _random_batch(torch.float32, seed=2)
+    results = []
+    for fn in (keye_literal_loss, old_keye_literal_loss):
+        lp_y = inputs["sampled_logprobs"].clone().requires_grad_()
+        loss, metrics = fn(lp_y, inputs["cand_adv"], inputs["token_weights"], inputs["mask"], gate=inputs["gate"])
+        loss.backward()
+        results.append((loss.detach(), lp_y.grad, metrics))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]
+    # the same ablation through the new entry point
+    batch = MOPDBatch(mask=inputs["mask"], cand_old_logprobs=inputs["cand_old_logprobs"], cand_adv=inputs["cand_adv"],
+                      cand_mask=inputs["cand_mask"], token_weights=inputs["token_weights"], gate=inputs["gate"])
+    loss, terms = mopd_objective(batch, MOPDLossSettings(loss_form="keye_literal"), cand_logprobs=None,
+                                 sampled_logprobs=inputs["sampled_logprobs"])
+    assert torch.equal(loss, results[1][0]) and list(terms) == ["keye_literal"]
+
+
+def test_batch_and_settings_reject_bad_input_naming_the_field():
+    inputs = _random_batch(torch.float32)
+    with pytest.raises(ValueError, match=r"loop_start must be \[N\] = \(5,\)"):
+        MOPDBatch(mask=inputs["mask"], cand_old_logprobs=inputs["cand_old_logprobs"], cand_adv=inputs["cand_adv"],
+                  cand_mask=inputs["cand_mask"], loop_start=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"unknown array\(s\) \['gate_mask'\]"):
+        MOPDBatch.from_arrays({"mask": inputs["mask"], "cand_old_logprobs": inputs["cand_old_logprobs"],
+                               "cand_adv": inputs["cand_adv"], "cand_mask": inputs["cand_mask"],
+                               "gate_mask": inputs["gate"]})
+    with pytest.raises(ValueError, match="loss_form"):
+        MOPDLossSettings(loss_form="literal")
+    with pytest.raises(ValueError, match="rl_alpha must be ≥ 0"):
+        MOPDLossSettings(rl_alpha=-1.0)
+    batch = MOPDBatch(mask=inputs["mask"], cand_old_logprobs=inputs["cand_old_logprobs"], cand_adv=inputs["cand_adv"],
+                      cand_mask=inputs["cand_mask"])
+    with pytest.raises(ValueError, match="sampled_old_logprobs is required when rl_alpha > 0"):
+        mopd_objective(batch, MOPDLossSettings(rl_alpha=0.5), cand_logprobs=inputs["cand_logprobs"],
+                       sampled_logprobs=inputs["sampled_logprobs"])
+
+
+def test_settings_survive_a_pickle_round_trip():
+    # They travel to the trainer ranks as Ray arguments.
+    import pickle
+
+    settings = MOPDLossSettings(clip_eps=0.2, rl_alpha=0.1)
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+def test_metrics_at_theta_old_need_no_loss():
+    # What the driver logs each step: the batch's diagnostics, without evaluating the loss.
+    inputs = _random_batch(F64, seed=1)
+    batch = MOPDBatch(mask=inputs["mask"], cand_old_logprobs=inputs["cand_old_logprobs"], cand_adv=inputs["cand_adv"],
+                      cand_mask=inputs["cand_mask"], sampled_old_logprobs=inputs["sampled_old_logprobs"],
+                      sampled_teacher_logprobs=inputs["sampled_teacher_logprobs"],
+                      teacher_index=inputs["teacher_index"])
+    metrics = mopd_metrics(batch, MOPDLossSettings(), teacher_names=["a", "b", "c"])
+    assert not any(key.startswith("mopd/loss") for key in metrics)
+    assert metrics["mopd/clip_frac"] == 0.0
+    mask = inputs["mask"]
+    expected_kl = ((inputs["sampled_old_logprobs"] - inputs["sampled_teacher_logprobs"]) * mask).sum() / mask.sum()
+    assert metrics["mopd/reverse_kl"] == pytest.approx(float(expected_kl))
+    assert sum(metrics[f"mopd/token_share/{name}"] for name in "abc") == pytest.approx(1.0)

@@ -5,7 +5,8 @@ the token ratios, with GRPO group-normalised outcome advantages and no value mod
 geometric mean over |y| tokens, the clip range is tiny (3e-4 / 4e-4) compared with PPO's 0.2.
 
 The pieces are public because MOPD's RL mix (posttrain.algorithms.mopd) reuses them:
-  sequence_log_ratio → gspo_token_log_ratio → clipped_ratio_objective → gspo_token_loss (per token) → sequence_mean.
+  sequence_log_ratio → gspo_token_log_ratio → clipped_ratio_objective → gspo_token_loss (per token)
+  → sequence_mean.
 `gspo_loss` composes them and adds the metrics.
 
 Pure torch, no I/O. Shapes: N sequences, T padded response length.

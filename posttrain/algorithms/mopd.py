@@ -310,7 +310,8 @@ def empty_overlap_fallback_term(sampled_logprobs: torch.Tensor, sampled_old_logp
                                 clip_eps: float | None = None) -> torch.Tensor:
     """MiMo-style fallback on the sampled token where Ω is empty (docs/algorithms.md §2.6).   [N,T] → [N,T]
 
-        ℓ_fb[i,t] = −1[at]·A_y·ρ_y,    A_y = sg[log π_T(y_t) − log π_old(y_t)],  ρ_y = exp(log πθ(y_t) − log π_old(y_t))
+        ℓ_fb[i,t] = −1[at]·A_y·ρ_y,   A_y = sg[log π_T(y_t) − log π_old(y_t)],
+                                       ρ_y = exp(log πθ(y_t) − log π_old(y_t))
         (clip_eps = ε: −1[at]·min(A_y·ρ_y, A_y·clip(ρ_y, 1−ε, 1+ε)))
 
     at [N,T] bool: where the fallback applies; elsewhere the term is exactly 0 with zero gradient.
@@ -347,7 +348,7 @@ def keye_literal_term(sampled_logprobs: torch.Tensor, weighted_state_advantage: 
 
 
 def past_loop_mask(loop_start: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-    """1[t ≥ τ_i] for τ_i ≥ 0 (τ_i < 0, τ_i ≥ T or loop_start None: no loop).   loop_start [N], mask [N,T] → bool [N,T]"""
+    """1[t ≥ τ_i] for τ_i ≥ 0; τ_i < 0, τ_i ≥ T or loop_start None: no loop.   loop_start [N], mask [N,T] → bool [N,T]"""
     if loop_start is None:
         return torch.zeros_like(mask, dtype=torch.bool)
     positions = torch.arange(mask.shape[-1], device=mask.device)
