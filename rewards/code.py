@@ -42,26 +42,24 @@ server instead (rewards/sandboxfusion.py).
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
+import functools
+import importlib.resources
 import json
-import math
 import os
 import re
 import signal
 import sys
 from typing import Any, Sequence
 
+from rewards._code_common import (CPP_COMPILE_TIME_S, DEFAULT_MEMORY_LIMIT_MB,  # noqa: F401 - public names
+                                  DEFAULT_OUTPUT_LIMIT_MB, DEFAULT_TIME_LIMIT_S, FAILURE_KINDS, MAX_TESTS,
+                                  MAX_TIME_LIMIT_S, BadInput, JudgeLimits, JudgeResult, Problem, TestVerdict,
+                                  json_equal, limits_from_extra_info, normalise_stdout, parse_tests,
+                                  stdout_matches)
 from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, default_sandbox
 
-DEFAULT_TIME_LIMIT_S = 2.0
-DEFAULT_MEMORY_LIMIT_MB = 512
-DEFAULT_OUTPUT_LIMIT_MB = 4
-MAX_TIME_LIMIT_S = 60.0
-MAX_TESTS = 1000
-CPP_COMPILE_TIME_S = 30.0
-WALL_FACTOR, WALL_SLACK_S = 1.5, 0.5
-FAILURE_KINDS = ("no_code", "compile_error", "wrong_answer", "runtime_error", "time_limit",
-                 "memory_limit", "output_limit", "bad_input", "sandbox_error")
+# kinds the answer channel may carry: each is something the program itself can cause
+ANSWER_KINDS = ("returned", "bad_return", "exited", "runtime_error", "no_function", "memory_limit")
 
 _FENCE = {
     "python": re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE),
@@ -77,174 +75,50 @@ def extract_code(completion: str, language: str = "python") -> str | None:
     return blocks[-1] if blocks and blocks[-1].strip() else None
 
 
-# ------------------------------------------------------------------ comparison (host side)
 
-def normalise_stdout(text: str) -> list[str]:
-    """Lines with trailing whitespace removed, trailing blank lines dropped. Nothing else changes."""
-    lines = [line.rstrip() for line in text.split("\n")]
-    while lines and lines[-1] == "":
-        lines.pop()
-    return lines
+# ------------------------------------------------------------------ verdicts (host side)
 
-
-def stdout_matches(actual: str, expected: str) -> bool:
-    return normalise_stdout(actual) == normalise_stdout(expected)
-
-
-def json_equal(a: Any, b: Any) -> bool:
-    """Equality of two JSON values (as json.loads returns them); bool never equals a number."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b  # str, None
+def read_answer(answer: bytes) -> dict:
+    """The test's answer channel, which the judged program can write: only what it could have caused."""
+    if not answer:
+        return {}
+    try:
+        parsed = json.loads(answer)
+    except (ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict) or parsed.get("kind") not in ANSWER_KINDS:
+        return {"kind": "runtime_error", "detail": "garbled answer channel"}
+    return parsed
 
 
-# ------------------------------------------------------------------ problem description
+def verdict_from_record(problem: Problem, limits: JudgeLimits, record: dict, stdout: bytes,
+                        answer: bytes = b"") -> TestVerdict:
+    """Decide one test on the host from what the harness saw (the sandbox never sees expected outputs).
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    mode: str                      # "stdin" or "call"
-    inputs: tuple                  # stdin texts, or JSON texts of argument lists
-    outputs: tuple                 # expected stdout texts, or expected JSON values (round-tripped)
-    fn_name: str | None = None
-
-
-class BadInput(ValueError):
-    """A malformed test row or limit; becomes a zero score with failure "bad_input"."""
-
-
-def parse_tests(ground_truth: Any) -> Problem:
-    """Validate the tests dict (or its JSON text); raise BadInput naming what is wrong and the fix."""
-    if isinstance(ground_truth, (str, bytes)):
-        try:
-            ground_truth = json.loads(ground_truth)
-        except (ValueError, RecursionError) as err:
-            raise BadInput(f"ground_truth is not valid JSON ({err}); give the tests dict") from None
-    if not isinstance(ground_truth, dict):
-        raise BadInput(f"ground_truth must be a dict with 'inputs' and 'outputs', got {type(ground_truth).__name__}")
-    inputs, outputs = ground_truth.get("inputs"), ground_truth.get("outputs")
-    if not isinstance(inputs, list) or not isinstance(outputs, list):
-        raise BadInput("ground_truth needs lists 'inputs' and 'outputs'")
-    if len(inputs) != len(outputs) or not inputs:
-        raise BadInput(f"ground_truth has {len(inputs)} inputs and {len(outputs)} outputs; "
-                       "they must be equal in number and at least 1")
-    if len(inputs) > MAX_TESTS:
-        raise BadInput(f"ground_truth has {len(inputs)} tests; at most {MAX_TESTS} are judged")
-    fn_name = ground_truth.get("fn_name")
-    if fn_name:
-        if not isinstance(fn_name, str) or not fn_name.isidentifier():
-            raise BadInput(f"fn_name {fn_name!r} is not a Python identifier")
-        if not all(isinstance(args, list) for args in inputs):
-            raise BadInput("function-call tests need each input to be a list of arguments, e.g. [[1, 2]]")
-        try:
-            args_texts = tuple(json.dumps(args) for args in inputs)
-            expected = tuple(json.loads(json.dumps(out)) for out in outputs)
-        except (TypeError, ValueError) as err:
-            raise BadInput(f"function-call test values must be JSON values: {err}") from None
-        return Problem("call", args_texts, expected, fn_name)
-    if not all(isinstance(x, str) for x in inputs) or not all(isinstance(x, str) for x in outputs):
-        raise BadInput("stdin/stdout tests need string inputs and outputs (or give 'fn_name' for "
-                       "function-call tests)")
-    return Problem("stdin", tuple(inputs), tuple(outputs))
-
-
-@dataclasses.dataclass(frozen=True)
-class JudgeLimits:
-    time_limit_s: float = DEFAULT_TIME_LIMIT_S
-    memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB
-    output_limit_mb: float = DEFAULT_OUTPUT_LIMIT_MB
-    nproc: int = 32
-    file_size_mb: int = 16
-
-    @property
-    def test_wall_s(self) -> float:
-        return self.time_limit_s * WALL_FACTOR + WALL_SLACK_S
-
-    @property
-    def output_bytes(self) -> int:
-        return int(self.output_limit_mb * (1 << 20))
-
-
-def limits_from_extra_info(extra_info: Any) -> JudgeLimits:
-    extra_info = extra_info if isinstance(extra_info, dict) else {}
-    values = {}
-    for key, default, low, high in (("time_limit_s", DEFAULT_TIME_LIMIT_S, 0.05, MAX_TIME_LIMIT_S),
-                                    ("memory_limit_mb", DEFAULT_MEMORY_LIMIT_MB, 32, 16384),
-                                    ("output_limit_mb", DEFAULT_OUTPUT_LIMIT_MB, 0.001, 256)):
-        value = extra_info.get(key, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadInput(f"extra_info.{key} must be a number, got {value!r}")
-        if not low <= value <= high:
-            raise BadInput(f"extra_info.{key}={value} is outside [{low}, {high}]")
-        values[key] = value
-    values["memory_limit_mb"] = int(values["memory_limit_mb"])
-    return JudgeLimits(**values)
-
-
-# ------------------------------------------------------------------ verdicts
-
-@dataclasses.dataclass
-class TestVerdict:
-    index: int
-    passed: bool
-    kind: str | None               # None when passed, else one of FAILURE_KINDS
-    detail: str = ""
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
-
-
-@dataclasses.dataclass
-class JudgeResult:
-    total: int
-    verdicts: list[TestVerdict]
-    failure: str | None = None     # kind of the first failure
-    detail: str = ""
-
-    @property
-    def passed(self) -> int:
-        return sum(v.passed for v in self.verdicts)
-
-    @property
-    def score(self) -> float:
-        return 1.0 if self.failure is None and self.passed == self.total else 0.0
-
-    def as_reward(self) -> dict:
-        out = {"score": self.score, "passed": self.passed, "total": self.total}
-        if self.score == 0.0:
-            out["failure"] = self.failure or "wrong_answer"
-            if self.detail:
-                out["failure_detail"] = self.detail[:300]
-        return out
-
-
-def verdict_from_record(problem: Problem, limits: JudgeLimits, record: dict, stdout: bytes) -> TestVerdict:
-    """Decide one test on the host from what the harness saw (the sandbox never sees expected outputs)."""
+    `record` comes from the harness (trusted; its `setup` field from before any program code ran);
+    `stdout` and `answer` were written by the program and only count as its output.
+    """
     i = record["i"]
     cpu, wall = float(record.get("cpu_s", 0.0)), float(record.get("wall_s", 0.0))
-    report = record.get("report") if isinstance(record.get("report"), dict) else {}
+    setup = record.get("setup") if isinstance(record.get("setup"), dict) else {}
+    report = read_answer(answer)
     kind = report.get("kind")
     sig = record.get("signal")
 
     def fail(failure: str, detail: str) -> TestVerdict:
         return TestVerdict(i, False, failure, f"test {i}: {detail}", cpu, wall)
 
-    if record.get("status") == "timeout" or sig == signal.SIGXCPU or cpu > limits.time_limit_s:
-        return fail("time_limit", f"over {limits.time_limit_s:g} s (cpu {cpu:.2f} s, wall {wall:.2f} s)")
+    if setup.get("kind") == "compile_error":
+        return fail("compile_error", str(setup.get("detail", ""))[:300])
+    if setup:
+        return fail("sandbox_error", str(setup.get("detail", "harness failed before the program ran"))[:300])
+    if record.get("status") in ("timeout", "cpu_limit") or sig == signal.SIGXCPU or cpu > limits.time_limit_s:
+        return fail("time_limit", f"over {limits.time_limit_s:g} s (cpu {cpu:.2f} s of all its processes, "
+                                  f"wall {wall:.2f} s)")
     if record.get("status") == "output_limit":
         return fail("output_limit", f"printed more than {limits.output_limit_mb:g} MB")
-    if kind == "compile_error":
-        return fail("compile_error", str(report.get("detail", ""))[:300])
     if kind == "memory_limit" or (sig == signal.SIGABRT and "bad_alloc" in str(record.get("stderr", ""))):
         return fail("memory_limit", f"MemoryError under a {limits.memory_limit_mb} MB limit")
-    if kind == "harness_error":
-        return fail("sandbox_error", str(report.get("detail", ""))[:300])
     stderr_tail = str(record.get("stderr", ""))[-200:]
     if problem.mode == "call":
         if kind == "returned":
@@ -254,19 +128,19 @@ def verdict_from_record(problem: Problem, limits: JudgeLimits, record: dict, std
                 return fail("wrong_answer", "returned value could not be read back as JSON")
             if json_equal(value, problem.outputs[i]):
                 return TestVerdict(i, True, None, "", cpu, wall)
-            return fail("wrong_answer", f"returned {report['value'][:80]}")
+            return fail("wrong_answer", f"returned {str(report['value'])[:80]}")
         if kind == "bad_return":
-            return fail("wrong_answer", f"returned a {report.get('detail')}, which is not a JSON value")
+            return fail("wrong_answer", f"returned a {str(report.get('detail'))[:80]}, which is not a JSON value")
         if kind == "exited":
-            return fail("runtime_error", f"exited (code {report.get('code')}) before returning a value")
+            return fail("runtime_error", f"exited (code {str(report.get('code'))[:20]}) before returning a value")
         if kind in ("runtime_error", "no_function"):
             return fail("runtime_error", str(report.get("detail", ""))[:300])
         if sig is not None:
             return fail("runtime_error", f"killed by signal {sig}")
         return fail("runtime_error", f"exited (code {record.get('exit_code')}) before returning a value")
     if kind == "runtime_error" or sig is not None or record.get("exit_code") != 0:
-        what = report.get("detail") or (f"killed by signal {sig}" if sig is not None
-                                         else f"exit code {record.get('exit_code')}: {stderr_tail}")
+        what = str(report.get("detail") or "") or (f"killed by signal {sig}" if sig is not None
+                                                    else f"exit code {record.get('exit_code')}: {stderr_tail}")
         return fail("runtime_error", what.strip())
     actual = stdout.decode("utf-8", errors="replace")
     if stdout_matches(actual, problem.outputs[i]):
@@ -274,34 +148,49 @@ def verdict_from_record(problem: Problem, limits: JudgeLimits, record: dict, std
     return fail("wrong_answer", f"printed {actual[:80]!r}, expected {problem.outputs[i][:80]!r}")
 
 
-class _FrameReader:
-    """Parses the harness's channel: a JSON header line, then `stdout_len` raw bytes of test stdout."""
+class FrameError(ValueError):
+    """The harness's channel broke its own protocol (a judge fault, never the program's)."""
 
-    def __init__(self):
+
+class _FrameReader:
+    """Parses the harness's channel: per frame a JSON header line, then `stdout_len` raw bytes of the
+    test's stdout and `answer_len` raw bytes of its answer channel. Every part has a bound; a frame over
+    one raises FrameError instead of buffering without end."""
+
+    MAX_HEADER_BYTES = 64 << 10  # the harness's headers are a few hundred bytes
+
+    def __init__(self, max_payload_bytes: int):
+        self.max_payload_bytes = max_payload_bytes
         self.buffer = bytearray()
         self.header: dict | None = None
 
-    def feed(self, data: bytes) -> list[tuple[dict, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[dict, bytes, bytes]]:
         self.buffer += data
         frames = []
         while True:
             if self.header is None:
-                newline = self.buffer.find(b"\n")
+                newline = self.buffer.find(b"\n", 0, self.MAX_HEADER_BYTES + 1)
                 if newline < 0:
+                    if len(self.buffer) > self.MAX_HEADER_BYTES:
+                        raise FrameError(f"frame header longer than {self.MAX_HEADER_BYTES} bytes")
                     return frames
                 line = bytes(self.buffer[:newline])
                 del self.buffer[:newline + 1]
                 try:
-                    self.header = json.loads(line)
-                except ValueError:
-                    self.header = {"garbled": line[:200].decode(errors="replace")}
-                if not isinstance(self.header, dict):
-                    self.header = {"garbled": repr(self.header)[:200]}
-            need = int(self.header.get("stdout_len", 0) or 0)
-            if len(self.buffer) < need:
+                    header = json.loads(line)
+                except (ValueError, RecursionError):
+                    raise FrameError(f"garbled frame header {line[:200]!r}") from None
+                lengths = [header.get(k, 0) if isinstance(header, dict) else None
+                           for k in ("stdout_len", "answer_len")]
+                if not all(isinstance(n, int) and 0 <= n <= self.max_payload_bytes for n in lengths):
+                    raise FrameError(f"frame header {line[:200]!r} is not a bounded frame")
+                self.header = header
+            stdout_len, answer_len = self.header.get("stdout_len", 0), self.header.get("answer_len", 0)
+            if len(self.buffer) < stdout_len + answer_len:
                 return frames
-            frames.append((self.header, bytes(self.buffer[:need])))
-            del self.buffer[:need]
+            frames.append((self.header, bytes(self.buffer[:stdout_len]),
+                           bytes(self.buffer[stdout_len:stdout_len + answer_len])))
+            del self.buffer[:stdout_len + answer_len]
             self.header = None
 
 
@@ -342,21 +231,26 @@ def _judge_group(source, problem, limits, language, sandbox, fail_fast, indices)
         "memory_mb": limits.memory_limit_mb, "nproc": limits.nproc, "file_size_mb": limits.file_size_mb,
         "output_bytes": limits.output_bytes, "compile_wall_s": CPP_COMPILE_TIME_S,
     }
-    reader = _FrameReader()
+    reader = _FrameReader(max_payload_bytes=limits.output_bytes)
     verdicts: list[TestVerdict] = []
-    state = {"done": False, "compile": None}
+    state = {"done": False, "compile": None, "protocol_error": None}
 
     def on_stdout(chunk: bytes) -> bool:
-        for header, stdout in reader.feed(chunk):
-            if "garbled" in header or header.get("event") == "done":
-                state["done"] = state["done"] or header.get("event") == "done"
+        try:
+            frames = reader.feed(chunk)
+        except FrameError as err:
+            state["protocol_error"] = str(err)
+            return False
+        for header, stdout, answer in frames:
+            if header.get("event") == "done":
+                state["done"] = True
                 continue
             if header.get("event") == "compile":
                 state["compile"] = header
                 continue
             if header.get("i") not in indices:
                 continue
-            verdict = verdict_from_record(problem, limits, header, stdout)
+            verdict = verdict_from_record(problem, limits, header, stdout, answer)
             verdicts.append(verdict)
             if fail_fast and not verdict.passed:
                 return False  # decided: stop the sandbox now
@@ -365,9 +259,10 @@ def _judge_group(source, problem, limits, language, sandbox, fail_fast, indices)
     compile_budget = CPP_COMPILE_TIME_S if language == "cpp" else 0.0
     sandbox_limits = SandboxLimits(
         wall_s=10.0 + compile_budget + len(indices) * (limits.test_wall_s + 0.5),
-        stdout_bytes=len(indices) * (limits.output_bytes + 8192) + (1 << 16),
+        # each frame: a bounded header, the test's stdout and its answer channel (each <= output limit)
+        stdout_bytes=len(indices) * (2 * limits.output_bytes + 8192) + (1 << 16),
         stderr_bytes=1 << 16, tmpfs_mb=max(64, 2 * limits.file_size_mb))
-    result = sandbox.run([sys.executable, "-I", "-S", "-c", _HARNESS],
+    result = sandbox.run([sys.executable, "-I", "-S", "-c", _harness_source()],
                          stdin=json.dumps(payload).encode(), limits=sandbox_limits,
                          trusted_supervisor=True, on_stdout=on_stdout)
     total = len(indices)
@@ -379,7 +274,8 @@ def _judge_group(source, problem, limits, language, sandbox, fail_fast, indices)
         return JudgeResult(total, verdicts, failed.kind, failed.detail)
     if len(verdicts) == total:
         return JudgeResult(total, verdicts)
-    why = ("timed out" if result.timed_out else "overflowed its channel" if result.output_limited
+    why = (f"broke its protocol ({state['protocol_error']})" if state["protocol_error"]
+           else "timed out" if result.timed_out else "overflowed its channel" if result.output_limited
            else f"ended with code {result.exit_code} signal {result.signal}")
     return JudgeResult(total, verdicts, "sandbox_error",
                        f"harness {why} after {len(verdicts)}/{total} tests: "
@@ -453,256 +349,7 @@ def compute_score_batch(data_sources: Sequence[str], solution_strs: Sequence[str
         return list(pool.map(one, range(n)))
 
 
-# ------------------------------------------------------------------ the harness (runs inside the sandbox)
-# Trusted, stdlib-only; started as `python -I -S -c _HARNESS` with the payload on stdin. It keeps
-# CAP_SETUID/SETGID/KILL and is non-dumpable, so test processes (another uid, no capabilities) can
-# neither signal it nor open its file descriptors. Channel to the host: its stdout, as frames of a JSON
-# header line followed by `stdout_len` raw bytes.
-_HARNESS = r'''
-import builtins, io, json, os, resource, select, signal, sys, time, traceback, types
-
-PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 4, 38
-try:
-    import ctypes
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except Exception:
-    _prctl = None
-
-def emit(header, raw=b""):
-    header["stdout_len"] = len(raw)
-    data = json.dumps(header).encode() + b"\n" + raw
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view):]
-
-def main():
-    cfg = json.loads(sys.stdin.buffer.read())
-    if _prctl is not None:
-        _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    uid = int(os.environ.get("POSTTRAIN_SANDBOX_UID", "-1"))
-    can_drop = os.getuid() == 0 and uid > 0
-    # kill(-1) ends every process we may signal: only safe as pid 2 of a PID namespace (bwrap is 1).
-    in_pidns = os.environ.get("POSTTRAIN_SANDBOX_PIDNS") == "1" and os.getpid() == 2
-    work = os.environ.get("POSTTRAIN_SANDBOX_WORK_DIR", "/sandbox")
-    lang = cfg["language"]
-
-    def limits(cpu_s, mem_mb, fsize_mb, nproc):
-        cpu = int(cpu_s) + 1
-        for res, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
-                         (resource.RLIMIT_AS, (mem_mb << 20,) * 2),
-                         (resource.RLIMIT_FSIZE, (fsize_mb << 20,) * 2),
-                         (resource.RLIMIT_NPROC, (nproc, nproc)),
-                         (resource.RLIMIT_NOFILE, (256, 256)),
-                         (resource.RLIMIT_CORE, (0, 0))):
-            resource.setrlimit(res, val)
-        try:
-            hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
-            want = min(256 << 20, mem_mb << 20)
-            resource.setrlimit(resource.RLIMIT_STACK, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
-        except (ValueError, OSError):
-            pass
-
-    def kill_others(pid):
-        try:
-            if in_pidns:
-                os.kill(-1, signal.SIGKILL)
-            else:
-                os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def run_child(target, stdin_bytes, cpu_s, wall_s, mem_mb, out_cap):
-        in_fd = os.memfd_create("stdin")
-        view = memoryview(stdin_bytes)
-        while view:
-            view = view[os.write(in_fd, view):]
-        os.lseek(in_fd, 0, 0)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        start = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            code = 121
-            try:
-                os.setsid()
-                os.dup2(in_fd, 0); os.dup2(out_w, 1); os.dup2(err_w, 2); os.dup2(rep_w, 3)
-                os.closerange(4, 1 << 16)
-                limits(cpu_s, mem_mb, cfg["file_size_mb"], cfg["nproc"])
-                if _prctl is not None:
-                    _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-                if can_drop:
-                    os.setgroups([])
-                    os.setresgid(uid, uid, uid)
-                    os.setresuid(uid, uid, uid)
-                code = target()
-            except BaseException as err:
-                try:
-                    os.write(3, json.dumps({"kind": "harness_error", "detail": repr(err)[:300]}).encode())
-                except BaseException:
-                    pass
-            os._exit(code)
-        for fd in (in_fd, out_w, err_w, rep_w):
-            os.close(fd)
-        pidfd = os.pidfd_open(pid)
-        poller = select.poll()
-        bufs = {out_r: [], err_r: [], rep_r: []}
-        sizes = dict.fromkeys(bufs, 0)
-        for fd in bufs:
-            poller.register(fd, select.POLLIN)
-        poller.register(pidfd, select.POLLIN)
-        open_fds = set(bufs)
-        status, exited = "ok", False
-        deadline = start + wall_s
-        while open_fds or not exited:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                status = "timeout"
-                break
-            for fd, _ev in poller.poll(left * 1000):
-                if fd == pidfd:
-                    exited = True
-                    poller.unregister(pidfd)
-                    kill_others(pid)  # background children would hold the pipes open
-                    continue
-                data = os.read(fd, 1 << 16)
-                if not data:
-                    poller.unregister(fd)
-                    open_fds.discard(fd)
-                    continue
-                sizes[fd] += len(data)
-                if sizes[fd] > out_cap:
-                    status = "output_limit"
-                    break
-                if fd != err_r or sizes[fd] <= 4096:
-                    bufs[fd].append(data)
-            if status != "ok":
-                break
-        wall = time.monotonic() - start
-        kill_others(pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _, wstatus, usage = os.wait4(pid, 0)
-        for fd in (out_r, err_r, rep_r, pidfd):
-            os.close(fd)
-        report = None
-        rep = b"".join(bufs[rep_r])
-        if rep:
-            try:
-                report = json.loads(rep)
-            except (ValueError, RecursionError):
-                report = {"kind": "runtime_error", "detail": "garbled report"}
-        rec = {"status": status, "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall,
-               "maxrss_kb": usage.ru_maxrss, "report": report,
-               "stderr": b"".join(bufs[err_r])[-1000:].decode("utf-8", "replace"),
-               "exit_code": os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None,
-               "signal": os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None}
-        return rec, b"".join(bufs[out_r])
-
-    def report(obj):
-        data = json.dumps(obj).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(3, view):]
-
-    def python_target(test_input):
-        def target():
-            sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8", errors="replace")
-            sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", errors="replace")
-            sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8", errors="backslashreplace", line_buffering=True)
-            sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
-            sys.argv = ["solution.py"]
-            sys.setrecursionlimit(100000)
-            try:
-                code = compile(cfg["source"], "solution.py", "exec")
-            except (SyntaxError, ValueError, MemoryError, RecursionError, OverflowError) as err:
-                report({"kind": "compile_error", "detail": f"{type(err).__name__}: {err}"[:300]})
-                return 1
-            module = types.ModuleType("__main__" if cfg["mode"] == "stdin" else "solution")
-            module.__builtins__ = builtins
-            sys.modules[module.__name__] = module
-            exit_code = 0
-            try:
-                exec(code, module.__dict__)
-                if cfg["mode"] == "call":
-                    name = cfg["fn_name"]
-                    fn = module.__dict__.get(name)
-                    if not callable(fn) and isinstance(module.__dict__.get("Solution"), type):
-                        fn = getattr(module.__dict__["Solution"](), name, None)
-                    if not callable(fn):
-                        report({"kind": "no_function", "detail": f"no function or Solution method named {name!r}"})
-                        return 1
-                    value = fn(*json.loads(test_input))
-                    try:
-                        text = json.dumps(value, allow_nan=False)
-                    except (TypeError, ValueError, RecursionError):
-                        report({"kind": "bad_return", "detail": type(value).__name__})
-                        return 1
-                    report({"kind": "returned", "value": text})
-            except SystemExit as err:
-                c = err.code
-                exit_code = 0 if c is None else c if isinstance(c, int) else 1
-                if not isinstance(c, (int, type(None))):
-                    print(c, file=sys.stderr)
-                if cfg["mode"] == "call":
-                    report({"kind": "exited", "code": exit_code})
-            except MemoryError:
-                report({"kind": "memory_limit"})
-                exit_code = 1
-            except BaseException as err:
-                traceback.print_exc()
-                report({"kind": "runtime_error", "detail": f"{type(err).__name__}: {err}"[:300]})
-                exit_code = 1
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            except BaseException:
-                return exit_code or 1
-            return exit_code & 0xFF
-        return target
-
-    def exec_target(argv):
-        def target():
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU):
-                signal.signal(sig, signal.SIG_DFL)  # Python ignores some; compiled programs must not
-            os.execv(argv[0], argv)
-        return target
-
-    tl = float(cfg["time_limit_s"])
-    if lang == "cpp":
-        src = os.path.join(work, "solution.cpp")
-        binary = os.path.join(work, "solution")
-        with open(src, "w") as fh:
-            fh.write(cfg["source"])
-        os.chmod(src, 0o644)
-        gxx = "/usr/bin/g++"
-        rec, _ = run_child(exec_target([gxx, "-O2", "-std=gnu++17", "-pipe", "-o", binary, src]), b"",
-                           cfg["compile_wall_s"], cfg["compile_wall_s"], 2048, 1 << 20)
-        ok = rec["status"] == "ok" and rec["exit_code"] == 0 and os.path.exists(binary)
-        emit({"event": "compile", "status": "ok" if ok else "error",
-              "stderr": rec["stderr"][-1000:] or str(rec["status"])})
-        if not ok:
-            emit({"event": "done"})
-            return
-    for i, test_input in cfg["tests"]:
-        if lang == "cpp":
-            target, stdin = exec_target([binary]), test_input.encode()
-        elif cfg["mode"] == "stdin":
-            target, stdin = python_target(None), test_input.encode("utf-8", "surrogateescape")
-        else:
-            target, stdin = python_target(test_input), b""
-        rec, out = run_child(target, stdin, tl, cfg["wall_s"], cfg["memory_mb"], cfg["output_bytes"])
-        rec["i"] = i
-        emit(rec, out)
-        rep = rec["report"] or {}
-        bad = (rec["status"] != "ok" or rec["signal"] is not None or rec["cpu_s"] > tl
-               or rep.get("kind") not in (None, "returned")
-               or (cfg["mode"] == "stdin" and rec["exit_code"] != 0))
-        if bad and (cfg["fail_fast"] or rep.get("kind") == "compile_error"):
-            break
-    emit({"event": "done"})
-
-main()
-'''
+@functools.lru_cache(maxsize=1)
+def _harness_source() -> str:
+    """The trusted harness run inside the sandbox (rewards/_judge_harness.py, stdlib only)."""
+    return importlib.resources.files("rewards").joinpath("_judge_harness.py").read_text(encoding="utf-8")

@@ -42,6 +42,8 @@ import threading
 import time
 from typing import Callable, Mapping, Sequence
 
+from rewards import _seccomp
+
 WORK_DIR = "/sandbox"
 SUPERVISOR_UID_ENV = "POSTTRAIN_SANDBOX_UID"
 SUPERVISOR_PIDNS_ENV = "POSTTRAIN_SANDBOX_PIDNS"
@@ -183,11 +185,15 @@ class Sandbox:
 
     # ---------------------------------------------------------------- command line
     def _bwrap_argv(self, limits: SandboxLimits, files_fds: Mapping[str, int], trusted_supervisor: bool,
-                    uid: int) -> list[str]:
+                    uid: int, seccomp_fd: int | None = None) -> list[str]:
         argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid",
                 "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--clearenv"]
+        if seccomp_fd is not None:
+            argv += ["--seccomp", str(seccomp_fd)]
         if not self.privileged:
-            argv += ["--unshare-user"]  # unprivileged: the user namespace is what lets us make the others
+            # unprivileged: the user namespace is what lets us make the others; nothing inside may make
+            # another one (a nested one would hold every capability over its own mounts and network)
+            argv += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
         elif trusted_supervisor:
             argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
                      "--cap-add", "CAP_KILL"]
@@ -246,6 +252,7 @@ class Sandbox:
             return self._run_unsafe(argv, stdin, files, env, limits, trusted_supervisor, on_stdout)
         slot = _UidSlot() if self.privileged else None
         memfds = {}
+        seccomp_fd = None
         try:
             for name, content in files.items():
                 fd = os.memfd_create(f"sandbox-{name}")
@@ -253,7 +260,12 @@ class Sandbox:
                 os.lseek(fd, 0, os.SEEK_SET)
                 memfds[name] = fd
             uid = slot.uid if slot else os.getuid()
-            cmd = self._bwrap_argv(limits, memfds, trusted_supervisor, uid)
+            seccomp = _seccomp.filter_program(protect_supervisor=trusted_supervisor)
+            if seccomp is not None:
+                seccomp_fd = os.memfd_create("sandbox-seccomp")
+                _write_all(seccomp_fd, seccomp)
+                os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            cmd = self._bwrap_argv(limits, memfds, trusted_supervisor, uid, seccomp_fd)
             run_env = self._env(env, WORK_DIR)
             if trusted_supervisor:
                 run_env[SUPERVISOR_UID_ENV] = str(uid)
@@ -267,10 +279,10 @@ class Sandbox:
                             "--inh-caps=-all", "--no-new-privs", "--"]
                 cmd += ["prlimit", *limits.rlimit_args(), "--"]
             cmd += list(argv)
-            return _communicate(cmd, stdin, limits, on_stdout, pass_fds=tuple(memfds.values()),
-                                mechanism="bwrap")
+            pass_fds = (*memfds.values(), *([seccomp_fd] if seccomp_fd is not None else []))
+            return _communicate(cmd, stdin, limits, on_stdout, pass_fds=pass_fds, mechanism="bwrap")
         finally:
-            for fd in memfds.values():
+            for fd in (*memfds.values(), *([seccomp_fd] if seccomp_fd is not None else [])):
                 os.close(fd)
             if slot:
                 slot.release()

@@ -8,7 +8,7 @@ answered by {"status": "Success"|"Failed"|"SandboxError", "compile_result", "run
 "Finished"|"Error"|"TimeLimitExceeded", "return_code", "stdout", "stderr", "execution_time"}}.
 
 As with the local judge, expected outputs never leave this process: the server only runs the program,
-and the verdict is decided here with the same comparison rules (rewards.code). Function-call tests
+and the verdict is decided here with the same comparison rules (rewards._code_common). Function-call tests
 send a small wrapper that prints the JSON of the returned value after a per-request random marker.
 
 Client behaviour: at most `max_concurrency` requests in flight per server from this process (shared by
@@ -30,8 +30,8 @@ from typing import Any
 
 import httpx
 
-from rewards.code import (CPP_COMPILE_TIME_S, JudgeLimits, JudgeResult, Problem, TestVerdict, json_equal,
-                          stdout_matches)
+from rewards._code_common import (CPP_COMPILE_TIME_S, JudgeLimits, JudgeResult, Problem, TestVerdict,
+                                  json_equal, stdout_matches)
 
 _LANGUAGES = {"python": "python", "cpp": "cpp"}
 _semaphores: dict[tuple[str, int], threading.BoundedSemaphore] = {}
