@@ -310,3 +310,180 @@ def test_registered_and_callable_through_the_contract():
 def test_exact_fast_path_for_numbers_and_fractions(gold, pred, verdict):
     from rewards.matheq import plain_values_equal
     assert plain_values_equal(gold, pred) is verdict
+
+
+# --------------------------------------------------------------------------- issue #11: linear parsing
+
+# 200 KB each; the completion side and the reference side are both parsed outside the killable worker.
+ADVERSARIAL_200KB = {
+    "unclosed answer tags": "<answer>" * 25_000,  # the lazy <answer>(.*?)</answer> regex: 23 s at 10,000
+    "nested answer tags": "<answer>" * 12_000 + "x" + "</answer>" * 10_000,
+    "unclosed boxes": "\\boxed{" * 28_600,
+    "boxes without braces": "\\boxed $" * 25_000,  # each \boxed used to copy the rest of the text
+    "open braces": "{" * 200_000,
+    "dollars": "$" * 200_000,  # the reference clean-up peeled two per pass: quadratic
+    "answer anchors": "answer is " * 20_000,
+    "anchor then spaces": "Final answer" + " " * 200_000,
+    "gsm8k hashes": "#### " * 40_000,
+    "spacing commands": "\\, \\! ~" * 33_000,
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", list(ADVERSARIAL_200KB))
+def test_adversarial_200kb_text_is_parsed_in_linear_time(name):
+    text = ADVERSARIAL_200KB[name]
+    # CPU time of this process: the parsing under test runs here, and the shared machine's load
+    # must not make the test flaky.
+    started = time.process_time()
+    as_completion = score(text, "5")
+    as_reference = score(r"\boxed{5}", text)
+    elapsed = time.process_time() - started
+    assert as_completion["score"] == 0.0 and as_reference["score"] == 0.0
+    assert elapsed < 0.5, f"{name}: {elapsed:.2f} s of CPU"
+
+
+@pytest.mark.unit
+def test_last_complete_answer_block_is_found_backwards():
+    from rewards.matheq import last_answer_block
+    assert last_answer_block("<answer>1</answer> 2</answer>") == "1"
+    assert last_answer_block("<answer>1</answer> <ANSWER>2</Answer> <answer>3") == "2"
+    assert last_answer_block("<answer>" * 1000) is None
+
+
+# --------------------------------------------------------------------------- issue #11: busy machines
+
+def _stop(pids):
+    import os
+    import signal
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+def _resume(pids):
+    import os
+    import signal
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.integration
+def test_pool_budgets_cpu_time_not_wall_time():
+    from rewards._pool import KillablePool
+    pool = KillablePool(max_workers=1, preload=(), warmup=None)
+    try:
+        # A task that needs 0.6 s of wall time but almost no CPU (like a worker starved of CPU
+        # on a loaded machine) is not a time-out under a 0.3 s limit...
+        outcome = pool.call("time:sleep", (0.6,), timeout_s=0.3)
+        assert outcome.status == "ok" and outcome.wall_s >= 0.6
+        # ...but the wall-clock cap still ends it.
+        started = time.monotonic()
+        outcome = pool.call("time:sleep", (30,), timeout_s=0.3, max_wall_s=1.0)
+        assert outcome.status == "timeout" and time.monotonic() - started < 2.0
+        # A task that burns CPU is stopped at its CPU budget.
+        started = time.monotonic()
+        outcome = pool.call("math:factorial", (10**8,), timeout_s=0.5, max_wall_s=30)
+        assert outcome.status == "timeout" and outcome.cpu_s >= 0.5
+        assert time.monotonic() - started < 10.0  # 0.5 s of CPU on a machine shared by ~8 people
+    finally:
+        pool.close()
+
+
+@pytest.mark.integration
+def test_a_worker_starved_of_cpu_still_scores_the_right_answer():
+    from rewards._pool import shared_pool
+    assert score(r"\boxed{\sqrt{8}}", r"2\sqrt{2}")["score"] == 1.0  # a warm, idle worker
+    pids = shared_pool().idle_worker_pids()
+    assert pids
+    _stop(pids)  # the scheduler gives it no CPU for 1.5 s: far past the 0.5 s limit in wall time
+    resume = threading.Timer(1.5, _resume, args=(pids,))
+    resume.start()
+    try:
+        result = score(r"\boxed{\sqrt{12}}", r"2\sqrt{3}", timeout_s=0.5)
+    finally:
+        resume.cancel()
+        _resume(pids)
+    assert result["score"] == 1.0, result
+    assert result["cpu_starved"] is True  # counted: the wall limit would have bitten
+
+
+@pytest.mark.integration
+def test_a_worker_that_never_answers_still_times_out_in_bounded_wall_time():
+    from rewards._pool import shared_pool
+    assert score(r"\boxed{\sqrt{8}}", r"2\sqrt{2}")["score"] == 1.0
+    pids = shared_pool().idle_worker_pids()
+    _stop(pids)  # never resumed: the wall-clock cap (5 x timeout_s) must end the call
+    try:
+        started = time.monotonic()
+        result = score(r"\boxed{\sqrt{12}}", r"2\sqrt{3}", timeout_s=0.3)
+        elapsed = time.monotonic() - started
+    finally:
+        _resume(pids)
+    assert result["score"] == 0.0 and result["failure"] == "timeout"
+    assert elapsed < 5 * 0.3 + 1.0, elapsed
+
+
+# --------------------------------------------------------------------------- issue #11: real-world formats
+
+FORMATS_SCORED_RIGHT = [
+    # GSM8K: "#### 72" (what verl's GSM8K preprocessing asks for), also as a full reference solution
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"), ("#### 1,000", "1000"), ("#### $72", "72"),
+    (r"\boxed{72}", "She sold 48+24 = 72 clips.\n#### 72"),
+    # unit words after a number
+    ("The answer is 961 dollars.", "961"), ("The answer is 5 euros.", "5"), ("The answer is 5 people.", "5"),
+    ("The answer is 1,200 square meters.", "1200"), (r"\boxed{€5}", "5"), (r"\boxed{5€}", "5"),
+    # LaTeX spacing inside \boxed{}
+    (r"\boxed{x\;=\;5}", "5"), (r"\boxed{3\!\times\!4}", "12"), (r"\boxed{\quad 7}", "7"),
+    (r"\boxed{7~\text{cm}}", "7"), (r"\boxed{(1,\ 2)}", "(1,2)"), (r"\boxed{11,\! 111,\! 100}", "11111100"),
+    (r"\boxed{\qquad\frac{1}{2}\,}", "0.5"),
+    # synonymous commands
+    (r"\boxed{\tfrac{1}{2}}", r"\dfrac{1}{2}"), (r"\boxed{x\leqslant 3}", r"x\le 3"), (r"\boxed{x \leq 3}", r"x\leqslant 3"),
+    (r"\boxed{x\geq 3}", r"x\ge 3"), (r"\boxed{x\geqslant 3}", r"x\ge 3"), (r"\boxed{x \neq 3}", r"x\ne 3"),
+    (r"\boxed{x \to \infty}", r"x\rightarrow\infty"), (r"\boxed{\left(1,2\right)}", "(1,2)"),
+    (r"\boxed{\left[ 1, 2 \right]}", "[1,2]"), (r"\boxed{(1,\infinity)}", r"(1,\infty)"),
+    (r"\boxed{2\cdot 3}", r"2\times 3"), (r"\boxed{2 \times x}", r"2\cdot x"), (r"\boxed{x \lt 3}", "x<3"),
+    # decimal comma
+    (r"\boxed{1000,99}", "1000.99"), (r"\boxed{1000.99}", "1000,99"), (r"\boxed{0.111}", "0,111"),
+    (r"\boxed{1.22}", "1,22"), (r"\boxed{1,5}", r"\{1,5\}"),  # a list stays a list against a set
+    # \mathrm{e} in the reference is Euler's number, not a parse failure
+    (r"\boxed{1 - \frac{1}{e}}", r"1 - \frac{1}{\mathrm{e}}"), (r"\boxed{\mathrm{e}^{2}}", "e^2"),
+    # "Answer" on its own line followed by display math
+    ("Answer $$ \n 9 \n $$", "9"),
+]
+
+FORMATS_SCORED_ZERO = [
+    (r"\boxed{0,111}", "111"), (r"\boxed{111}", "0,111"),  # a decimal comma, not a thousands separator
+    (r"\boxed{1 + \frac{1}{e}}", r"1 - \frac{1}{\mathrm{e}}"), (r"\boxed{1}", r"1 - \frac{1}{\mathrm{e}}"),
+    ("The answer is 5 or more.", "5"), ("The answer $x$ is 5.", "x"),  # not unit words; not an anchor mid-line
+    ("Answer $ \n 9 \n $", "9"),  # inline math does not span lines
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("completion, gold", FORMATS_SCORED_RIGHT)
+def test_real_world_formats_score_one(completion, gold):
+    result = score(completion, gold)
+    assert result["score"] == 1.0, result
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("completion, gold", FORMATS_SCORED_ZERO)
+def test_real_world_format_false_positives_score_zero(completion, gold):
+    result = score(completion, gold)
+    assert result["score"] == 0.0, result
+
+
+@pytest.mark.unit
+def test_gsm8k_final_answer_is_extracted():
+    assert extract_final_answer("48/2 = 24\n#### 72") == ("72", "gsm8k")
+
+
+@pytest.mark.unit
+def test_a_reference_sympy_cannot_read_is_a_gold_parse_error_not_a_silent_zero():
+    # Math-Verify returns only its input text (or a fragment of it) when it cannot parse; scoring
+    # against that rejected right answers with no failure kind.
+    result = score(r"\boxed{1/2}", r"\frac{1}{2} \foo{3}")
+    assert result["score"] == 0.0 and result["failure"] == "gold_parse_error"
