@@ -36,13 +36,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compute_dtype: torch.dtype | None = None,
-                activation_checkpointing: bool = False, cpu_offload: bool = False,
+                activation_checkpointing: bool = False, checkpoint_every: int = 1, cpu_offload: bool = False,
                 reshard_after_forward: bool = True) -> torch.nn.Module:
     """Shard `model` in place with FSDP2 over `mesh` (default: all ranks of the default process group).
 
     compute_dtype: dtype of the all-gathered parameters used in forward/backward (None: the stored dtype, e.g.
-    fp32 everywhere on CPU). Gradients reduce in fp32. activation_checkpointing: recompute each decoder layer in
-    backward (keeps only layer inputs). cpu_offload: sharded parameters, gradients and the optimizer step live
+    fp32 everywhere on CPU). Gradients reduce in fp32. activation_checkpointing: recompute decoder layers in
+    backward (keeps only their inputs); checkpoint_every=k recomputes every k-th layer only (less recompute,
+    more memory). cpu_offload: sharded parameters, gradients and the optimizer step live
     in CPU memory (fully_shard's CPUOffloadPolicy; the optimizer then runs on CPU).
     Also switches the model to packed-sequence attention (packing.py) and registers the packed log-prob forward
     as an FSDP forward method. Returns the model (now an FSDPModule)."""
@@ -57,6 +58,8 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
     if activation_checkpointing:
         # Non-reentrant checkpointing inside each layer's __call__; FSDP's hooks gather the layer again on recompute.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index % checkpoint_every == 0
     policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
     if cpu_offload:
         policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())

@@ -1,0 +1,161 @@
+"""Update throughput, MFU and peak memory of the FSDP2 + packed-sequence trainer blocks on GPUs (issue #15).
+
+    # one GPU (a world-size-1 NCCL group), Qwen3-0.6B shape, ragged 1K-token sequences, 64K tokens per step:
+    PYTHONPATH=. python3 benchmarks/bench_trainer_gpu.py --size 0.6B --seq-len 1024 --out r.jsonl
+    # two GPUs:
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/bench_trainer_gpu.py --size 8B --seq-len 1024 --ac --out r.jsonl
+
+Random-weight models of the real Qwen3 shapes (built in fp32 = the master weights; bf16 compute through FSDP's
+MixedPrecisionPolicy; fp32 gradient reduction and fp32 AdamW state). Each step: sequences with lengths uniform in
+[L/2, L] until the step holds `--tokens` tokens (split round-robin over ranks), the first quarter of each a
+prompt, the rest a response; packed into micro-batches of at most `--token-budget` tokens; GSPO loss on the
+response log-probs (chunked LM head on response rows only); clip; one AdamW step. One warm-up step, then
+`--steps` timed steps.
+
+MFU = model FLOPs / (step time × 989e12 × GPUs), 989 TFLOP/s = H100/H200 SXM dense bf16 (datasheet). Model FLOPs
+(activation-checkpoint recompute NOT counted):
+    6 · T · P_layers                       every token through every decoder layer's matmuls (fwd + bwd)
+  + 6 · R · V · H                          LM head on the R response rows (the only rows scored)
+  + 6 · layers · heads · head_dim · Σ_i s_i(s_i+1)     causal attention scores and values, per sequence s_i
+with P_layers = layers · (H·(heads+2·kv_heads)·head_dim + heads·head_dim·H + 3·H·F).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+PEAK_BF16_FLOPS = 989e12
+# hidden, layers, heads, kv heads, ffn, tied (vocab 151936, head_dim 128 for all)
+SIZES = {"0.6B": (1024, 28, 16, 8, 3072, True), "1.7B": (2048, 28, 16, 8, 6144, True),
+         "4B": (2560, 36, 32, 8, 9728, True), "8B": (4096, 36, 32, 8, 12288, False)}
+VOCAB, HEAD_DIM = 151936, 128
+
+
+def qwen3_config(size: str):
+    from transformers import Qwen3Config
+
+    hidden, layers, heads, kv, ffn, tied = SIZES[size]
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, intermediate_size=ffn, head_dim=HEAD_DIM, tie_word_embeddings=tied,
+                       max_position_embeddings=40960, rope_theta=1e6)
+
+
+def model_flops(config, seq_lens: list[int], response_tokens: int) -> float:
+    h, layers, heads, kv, ffn = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                                 config.num_key_value_heads, config.intermediate_size)
+    d = heads * HEAD_DIM
+    per_layer = h * (heads + 2 * kv) * HEAD_DIM + d * h + 3 * h * ffn
+    tokens = sum(seq_lens)
+    return (6 * tokens * layers * per_layer + 6 * response_tokens * config.vocab_size * h
+            + 6 * layers * d * sum(s * (s + 1) for s in seq_lens))
+
+
+def ragged_step(seq_len: int, tokens: int, vocab: int, generator: torch.Generator):
+    """Prompts and responses whose lengths are uniform in [L/2, L], `tokens` tokens in all."""
+    prompts, responses, total = [], [], 0
+    while total < tokens:
+        n = min(int(torch.randint(seq_len // 2, seq_len + 1, (1,), generator=generator)), tokens - total)
+        n = max(n, 2)
+        p = max(1, n // 4)
+        ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
+        prompts.append(ids[:p])
+        responses.append(ids[p:])
+        total += n
+    return prompts, responses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=SIZES, required=True)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=65536, help="tokens per optimizer step (all ranks)")
+    ap.add_argument("--token-budget", type=int, default=16384, help="tokens per packed micro-batch")
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--ac-every", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=4096, help="LM-head rows per chunk")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from posttrain.algorithms.gspo import gspo_loss
+    from posttrain.trainer.fsdp import build_optimizer, clip_grad_norm, shard_model
+    from posttrain.trainer.packing import (_varlen_kernel, agree_micro_batch_count, pack_batch, pad_per_sequence,
+                                           packed_response_logprobs, plan_micro_batches)
+    from transformers import Qwen3ForCausalLM
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    config = qwen3_config(args.size)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config)           # fp32: the master weights
+    n_params = sum(p.numel() for p in model.parameters())
+    shard_model(model, compute_dtype=torch.bfloat16, activation_checkpointing=args.ac,
+                checkpoint_every=args.ac_every)
+    optimizer = build_optimizer(model, lr=1e-6)
+    model.train()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+    gen = torch.Generator().manual_seed(1)
+    times, flops_per_step, step_tokens = [], [], []
+    for step in range(args.steps + 1):
+        prompts, responses = ragged_step(args.seq_len, args.tokens, VOCAB, gen)
+        n_global = len(prompts)
+        seq_lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        flops = model_flops(config, seq_lens, sum(len(r) for r in responses))
+        mine = list(range(rank, n_global, world))
+        prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        count = agree_micro_batch_count(len(plan_micro_batches(lengths, args.token_budget)), "cuda")
+        micro_batches = pack_batch(prompts, responses, args.token_budget, min_micro_batches=count)
+        advantages = torch.randn(len(prompts), generator=gen)
+        torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        for mb in micro_batches:
+            logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, args.chunk), mb.response_lengths)
+            adv = advantages[mb.sequence_indices].cuda()
+            loss, _ = gspo_loss(logprobs, logprobs.detach(), adv, mask)
+            (loss * (len(mb.sequence_indices) / n_global)).backward()
+        grad_norm = clip_grad_norm(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if step > 0:
+            times.append(elapsed)
+            flops_per_step.append(flops)
+            step_tokens.append(sum(seq_lens))
+        if rank == 0:
+            print(f"step {step}: {elapsed:.2f} s, {len(micro_batches)} micro-batches, grad_norm {grad_norm:.3f}",
+                  flush=True)
+    step_s = sum(times) / len(times)
+    tokens = sum(step_tokens) / len(step_tokens)
+    result = {
+        "size": args.size, "params": n_params, "gpus": world, "seq_len": args.seq_len, "tokens_per_step": tokens,
+        "token_budget": args.token_budget, "activation_checkpointing": args.ac, "ac_every": args.ac_every,
+        "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s),
+        "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "attention": "varlen_attn" if _varlen_kernel() is not None else "sdpa per sequence",
+        "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+    }
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

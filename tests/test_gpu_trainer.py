@@ -1,0 +1,125 @@
+"""GPU checks of the trainer blocks (issue #15): fp32 master weights see an lr-1e-6 update; packed varlen attention
+in bf16 matches each sequence run alone. Needs CUDA; CI skips it (results: benchmarks/TRAINER_GPU.md).
+
+    PYTHONPATH=. python3 -m pytest -q tests/test_gpu_trainer.py
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _qwen3_layers(num_layers: int):
+    """Qwen3-0.6B's shapes (hidden 1024, 16/8 heads of 128, ffn 3072, vocab 151936, tied) with fewer layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, num_hidden_layers=num_layers, num_attention_heads=16,
+                         num_key_value_heads=8, intermediate_size=3072, head_dim=128, tie_word_embeddings=True,
+                         attn_implementation="sdpa")
+    with torch.device("cuda"):
+        return Qwen3ForCausalLM(config)
+
+
+def _batch(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(256, 1025, (n,), generator=g).tolist()
+    ids = [torch.randint(0, 151936, (k,), generator=g).tolist() for k in lengths]
+    return [s[:k // 4] for s, k in zip(ids, lengths)], [s[k // 4:] for s, k in zip(ids, lengths)]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _one_gspo_step(model, optimizer, packed: bool) -> None:
+    from posttrain.algorithms.gspo import gspo_loss
+    from posttrain.algorithms.logprobs import sequence_token_logprobs
+    from posttrain.trainer.packing import pack_batch, packed_response_logprobs, pad_per_sequence
+
+    prompts, responses = _batch(8, seed=1)
+    advantages = torch.randn(8, generator=torch.Generator().manual_seed(2)).cuda()
+    if packed:
+        for mb in pack_batch(prompts, responses, 8192):
+            logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb), mb.response_lengths)
+            loss, _ = gspo_loss(logprobs, logprobs.detach(), advantages[mb.sequence_indices], mask)
+            (loss * len(mb.sequence_indices) / 8).backward()
+    else:                                            # the old trainer's path: right-padded rows, bf16 weights
+        for p, r, a in zip(prompts, responses, advantages):
+            ids = torch.tensor([p + r], device="cuda")
+            lp = sequence_token_logprobs(model, ids, torch.ones_like(ids))[:, len(p) - 1:]
+            loss, _ = gspo_loss(lp, lp.detach(), a.view(1), torch.ones_like(lp))
+            (loss / 8).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _fraction_changed(before: dict, after: dict) -> float:
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    return changed / sum(t.numel() for t in before.values())
+
+
+def test_fp32_master_weights_see_an_lr_1e6_update_that_bf16_weights_lose(process_group):
+    from posttrain.trainer.fsdp import build_optimizer, shard_model
+    from posttrain.trainer.weight_sync import gather_full_state_dict
+
+    model = shard_model(_qwen3_layers(4), compute_dtype=torch.bfloat16)
+    optimizer = build_optimizer(model, lr=1e-6)
+    before = gather_full_state_dict(model)
+    _one_gspo_step(model, optimizer, packed=True)
+    fp32_master = _fraction_changed(before, gather_full_state_dict(model))
+
+    bf16 = _qwen3_layers(4).to(torch.bfloat16)
+    bf16_before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    _one_gspo_step(bf16, torch.optim.AdamW(bf16.parameters(), lr=1e-6), packed=False)
+    bf16_weights = _fraction_changed(bf16_before, bf16.state_dict())
+    print(f"fraction of weights changed after one step at lr 1e-6: fp32 master {fp32_master:.4f}, "
+          f"bf16 weights {bf16_weights:.4f}")
+    assert fp32_master >= 0.99
+    assert bf16_weights < 0.1           # the issue's failure, reproduced: the update rounds away in bf16
+
+
+def test_packed_bf16_attention_matches_each_sequence_alone(process_group):
+    from posttrain.algorithms.logprobs import sequence_token_logprobs
+    from posttrain.trainer.packing import _varlen_kernel, pack_batch, packed_response_logprobs, use_varlen_attention
+
+    alone = _qwen3_layers(2).to(torch.bfloat16).eval()
+    packed = use_varlen_attention(copy.deepcopy(alone))
+    prompts, responses = _batch(6, seed=3)
+    (mb,) = pack_batch(prompts, responses, 8192)
+    with torch.no_grad():
+        pieces = packed_response_logprobs(packed, mb).split(mb.response_lengths)
+        errors = []
+        for i, piece in zip(mb.sequence_indices, pieces):
+            ids = torch.tensor([prompts[i] + responses[i]], device="cuda")
+            ref = sequence_token_logprobs(alone, ids, torch.ones_like(ids))[0, len(prompts[i]) - 1:].float()
+            errors.append(float((piece - ref).abs().mean()))
+        # Attention over the whole row (sequences seeing each other) is far off: the check can tell.
+        whole = sequence_token_logprobs(alone, mb.input_ids.cuda(), torch.ones_like(mb.input_ids).cuda())[0]
+        last = mb.sequence_indices[-1]
+        crossed = whole[mb.response_positions.cuda()].split(mb.response_lengths)[-1]
+        ref_last = sequence_token_logprobs(alone, torch.tensor([prompts[last] + responses[last]], device="cuda"),
+                                           torch.ones(1, len(prompts[last]) + len(responses[last]), device="cuda",
+                                                      dtype=torch.long))[0, len(prompts[last]) - 1:]
+        crossed_error = float((crossed.float() - ref_last.float()).abs().mean())
+    print(f"kernel: {'varlen_attn' if _varlen_kernel() else 'sdpa per sequence'}; mean |Δ log p| per sequence "
+          f"{max(errors):.2e} (max), crossing sequences {crossed_error:.2e}")
+    assert max(errors) < 0.02
+    assert crossed_error > 10 * max(errors)
