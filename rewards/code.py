@@ -112,9 +112,11 @@ def verdict_from_record(problem: Problem, limits: JudgeLimits, record: dict, std
         return fail("compile_error", str(setup.get("detail", ""))[:300])
     if setup:
         return fail("sandbox_error", str(setup.get("detail", "harness failed before the program ran"))[:300])
-    if record.get("status") in ("timeout", "cpu_limit") or sig == signal.SIGXCPU or cpu > limits.time_limit_s:
-        return fail("time_limit", f"over {limits.time_limit_s:g} s (cpu {cpu:.2f} s of all its processes, "
-                                  f"wall {wall:.2f} s)")
+    if record.get("status") == "cpu_limit" or sig == signal.SIGXCPU or cpu > limits.time_limit_s:
+        return fail("time_limit", f"used {cpu:.2f} s of CPU over all its processes (limit "
+                                  f"{limits.time_limit_s:g} s)")
+    if record.get("status") == "timeout":
+        return fail("time_limit", f"still running after {wall:.2f} s of wall clock (cpu {cpu:.2f} s)")
     if record.get("status") == "output_limit":
         return fail("output_limit", f"printed more than {limits.output_limit_mb:g} MB")
     if kind == "memory_limit" or (sig == signal.SIGABRT and "bad_alloc" in str(record.get("stderr", ""))):

@@ -307,13 +307,126 @@ def test_hostile_program_gets_right_verdict(case):
 
 @pytest.mark.integration
 def test_forging_the_report_channel_is_just_answering():
-    # Writing a "returned" report for this test's own arguments is the same as returning the value:
+    # Writing a "returned" answer for this test's own arguments is the same as returning the value:
     # it passes test 0 (1 + 2 = 3) and cannot touch test 1, which expects 7.
     program = ("import os, json\n"
-               "os.write(3, json.dumps({'kind': 'returned', 'value': '3'}).encode())\n"
+               "os.write(4, json.dumps({'kind': 'returned', 'value': '3'}).encode())\n"
                "os._exit(0)")
     result = compute_score("code", fenced(program), ADD_CALL, FAST)
     assert result["score"] == 0.0 and result["passed"] == 1 and result["failure"] == "wrong_answer"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["harness_error", "compile_error"])
+@pytest.mark.parametrize("tests", [ADD_CALL, ADD_TESTS], ids=["call", "stdin"])
+def test_program_cannot_make_the_judge_fail_or_claim_a_compile_error(kind, tests):
+    # The setup channel (fd 3) is closed before program code runs; the answer channel (fd 4) only
+    # carries what the program could cause itself. Neither can turn a wrong program into a judge fault.
+    program = ("import os, json\n"
+               "for fd in (3, 4):\n"
+               "    try:\n"
+               f"        os.write(fd, json.dumps({{'kind': {kind!r}, 'detail': 'forged'}}).encode())\n"
+               "    except OSError:\n"
+               "        pass\n"
+               "def add(a, b):\n    return a + b\n")
+    result = compute_score("code", fenced(program), tests, FAST)
+    assert result["score"] == 0.0 and result["failure"] == "runtime_error", result
+    assert "forged" not in result.get("failure_detail", "")
+
+
+@pytest.mark.unit
+def test_frame_reader_rejects_unbounded_frames():
+    reader = code_mod._FrameReader(max_payload_bytes=100)
+    frames = reader.feed(b'{"i": 0, "stdout_len": 2, "answer_len": 3}\nhi{}x')
+    assert frames == [({"i": 0, "stdout_len": 2, "answer_len": 3}, b"hi", b"{}x")]
+    with pytest.raises(code_mod.FrameError, match="longer than"):
+        code_mod._FrameReader(max_payload_bytes=100).feed(b"x" * (code_mod._FrameReader.MAX_HEADER_BYTES + 1))
+    with pytest.raises(code_mod.FrameError, match="not a bounded frame"):
+        code_mod._FrameReader(max_payload_bytes=100).feed(b'{"i": 0, "stdout_len": 101}\n')
+    with pytest.raises(code_mod.FrameError, match="not a bounded frame"):
+        code_mod._FrameReader(max_payload_bytes=100).feed(b'{"i": 0, "answer_len": -1}\n')
+
+
+SPIN_0_3_S = "def spin():\n    t = time.process_time()\n    while time.process_time() - t < 0.3:\n        pass\n    os._exit(0)\n"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, program", [
+    # grandchildren orphaned to the sandbox's init before they finish
+    ("orphans", "import os, time\n" + SPIN_0_3_S +
+     "r, w = os.pipe()\nif os.fork() == 0:\n    for _ in range(2):\n        if os.fork() == 0:\n"
+     "            spin()\n    os._exit(0)\nos.close(w)\nos.read(r, 1)\nprint(3)"),
+    # children the kernel reaps by itself (SIGCHLD ignored): their time is never reported to anyone
+    ("sigchld_ignored", "import os, signal, time\n" + SPIN_0_3_S +
+     "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\nfor _ in range(2):\n    if os.fork() == 0:\n"
+     "        spin()\ntry:\n    os.wait()\nexcept ChildProcessError:\n    pass\nprint(3)"),
+])
+def test_cpu_time_counts_every_process_of_the_test(name, program):
+    problem = parse_tests({"inputs": ["1 2\n"], "outputs": ["3\n"]})
+    result = code_mod.judge(program, problem, code_mod.JudgeLimits(time_limit_s=10))
+    assert result.failure is None, result
+    # two children of 0.3 s each; polling every 50 ms may miss the last tick of a kernel-reaped child
+    assert result.verdicts[0].cpu_s >= (0.55 if name == "orphans" else 0.35), result
+
+
+@pytest.mark.integration
+def test_processes_sharing_the_time_limit_get_time_limit():
+    # four orphaned processes of 0.6 s each: 2.4 s of CPU against a 1 s limit (each alone is under it).
+    # The judge stops them once their sum passes 1 s; on a machine so loaded that they cannot get 1 s of
+    # CPU in 2 s, the wall clock stops them instead (the accounting itself is tested above).
+    program = ("import os, time\n"
+               "def spin():\n    t = time.process_time()\n    while time.process_time() - t < 0.6:\n"
+               "        pass\n    os._exit(0)\n"
+               "r, w = os.pipe()\nif os.fork() == 0:\n    for _ in range(4):\n        if os.fork() == 0:\n"
+               "            spin()\n    os._exit(0)\nos.close(w)\nos.read(r, 1)\n"
+               "a, b = map(int, input().split())\nprint(a + b)")
+    result = compute_score("code", fenced(program), {"inputs": ["1 2\n"], "outputs": ["3\n"]},
+                           {"time_limit_s": 1})
+    assert result["score"] == 0.0 and result["failure"] == "time_limit", result
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["cwd", "tmp", "locked_dir"])
+def test_each_test_starts_from_a_clean_scratch_area(where):
+    # A program that counts what earlier tests left behind would learn its test index.
+    setup = {"cwd": "d = '.'\n",
+             "tmp": "d = '/tmp'\n",
+             "locked_dir": "d = '/tmp/deep/er'\nos.makedirs(d, exist_ok=True)\nos.chmod('/tmp/deep/er', 0o700)\n"}[where]
+    program = ("import os\n" + setup +
+               "n = len([f for f in os.listdir(d) if f.startswith('seen')])\n"
+               "open(os.path.join(d, f'seen{n}'), 'w').write('x')\n"
+               "if d != '.' and d != '/tmp':\n    os.chmod('/tmp/deep', 0)\n"
+               "print(n)")
+    tests = {"inputs": ["\n"] * 3, "outputs": ["0\n", "1\n", "2\n"]}
+    result = compute_score("code", fenced(program), tests, FAST)
+    assert result["score"] == 0.0 and result["passed"] == 1 and result["failure"] == "wrong_answer", result
+
+
+NESTED_USERNS = (
+    # what was seen: a user namespace of its own, full capabilities there, an unlimited tmpfs
+    "import ctypes, os, socket\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "escaped = []\n"
+    "if libc.unshare(0x10000000 | 0x00020000) == 0:\n"
+    "    escaped.append('userns')\n"
+    "    if libc.mount(b'none', b'/tmp', b'tmpfs', 0, b'size=1g') == 0:\n"
+    "        escaped.append('mount')\n"
+    "try:\n"
+    "    socket.socket(16, socket.SOCK_RAW, 12).close()\n"  # AF_NETLINK, NETLINK_NETFILTER
+    "    escaped.append('netlink')\n"
+    "except OSError:\n"
+    "    pass\n"
+    "status = dict(line.split(':\\t', 1) for line in open('/proc/self/status').read().splitlines() if ':\\t' in line)\n"
+    "if status['Seccomp'].strip() != '2' or int(status['CapInh'], 16) or int(status['CapAmb'], 16):\n"
+    "    escaped.append('privileges ' + status['CapInh'] + status['CapAmb'] + status['Seccomp'])\n"
+    "a, b = map(int, input().split())\n"
+    "print(a + b, *escaped)\n")
+
+
+@pytest.mark.integration
+def test_judged_program_cannot_make_namespaces_mounts_or_netlink_sockets():
+    result = compute_score("code", fenced(NESTED_USERNS), ADD_TESTS, FAST)
+    assert result == {"score": 1.0, "passed": 3, "total": 3}, result
 
 
 @pytest.mark.integration
