@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -179,6 +181,84 @@ def test_tmpfs_and_file_size_are_capped(sandbox):
     out = result.stdout.decode().split()
     assert out[:2] == ["big", "27"]            # EFBIG: RLIMIT_FSIZE
     assert out[2:4] == ["full", "28"] and int(out[4]) <= 8  # ENOSPC: the tmpfs is 8 MB
+
+
+# ------------------------------------------------------------------ kernel attack surface
+
+ESCAPES = (
+    # What was seen before the seccomp filter: unshare(CLONE_NEWUSER | CLONE_NEWNS) worked, the new user
+    # namespace held every capability, a tmpfs of any size could be mounted, a netfilter socket opened.
+    "import ctypes, errno, os, socket\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "def call(name, *args):\n"
+    "    ok = getattr(libc, name)(*args) >= 0\n"
+    "    return 'OK' if ok else errno.errorcode[ctypes.get_errno()]\n"
+    "print('unshare_userns', call('unshare', 0x10000000 | 0x00020000))\n"
+    "print('unshare_netns', call('unshare', 0x40000000))\n"
+    "print('mount', call('mount', b'none', b'/tmp', b'tmpfs', 0, b'size=1g'))\n"
+    "print('setns', call('setns', os.open('/proc/self/ns/net', os.O_RDONLY), 0))\n"
+    "print('clone3', call('syscall', 435, None, 0))\n"
+    "print('keyctl', call('syscall', 250, 0, 0, 0, 0, 0))\n"
+    "print('bpf', call('syscall', 321, 0, None, 0))\n"
+    "print('ptrace', call('syscall', 101, 16, 1, 0, 0))\n"
+    "print('io_uring', call('syscall', 425, 1, None))\n"
+    "for family, kind, proto in ((16, socket.SOCK_RAW, 12), (17, socket.SOCK_RAW, 0), (38, socket.SOCK_SEQPACKET, 0)):\n"
+    "    try:\n"
+    "        socket.socket(family, kind, proto).close(); print('socket', family, 'OK')\n"
+    "    except OSError as err:\n"
+    "        print('socket', family, errno.errorcode[err.errno])\n"
+    "socket.socket(socket.AF_UNIX).close(); socket.socket(socket.AF_INET6).close()\n"
+    "print('pid_ok', os.fork() if False else 'fork-allowed')\n"
+    "status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n"
+    "print('seccomp', status['Seccomp'].strip(), 'inh', status['CapInh'].strip(), 'amb', status['CapAmb'].strip())\n")
+
+
+def check_escapes_blocked(out: str) -> None:
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert lines["unshare_userns"] == "EPERM" and lines["unshare_netns"] == "EPERM", out
+    assert lines["mount"] == "EPERM" and lines["setns"] == "EPERM", out
+    assert lines["clone3"] == "ENOSYS", out  # so that libc falls back to clone, whose flags are checked
+    assert all(lines[name] == "EPERM" for name in ("keyctl", "bpf", "ptrace", "io_uring")), out
+    assert out.count("EAFNOSUPPORT") == 3 and "socket 16 OK" not in out, out
+    assert lines["seccomp"] == "2 inh 0000000000000000 amb 0000000000000000", out
+
+
+@pytest.mark.integration
+def test_no_namespaces_mounts_or_dangerous_syscalls(sandbox):
+    result = sandbox.run(PY + [ESCAPES])
+    assert result.ok, result.stderr
+    check_escapes_blocked(result.stdout.decode())
+
+
+@pytest.mark.integration
+def test_seccomp_also_binds_the_trusted_supervisor(sandbox):
+    # The judge's harness keeps CAP_SETUID/SETGID/KILL, never the right to make namespaces or mount.
+    result = sandbox.run(PY + [ESCAPES.replace("'inh', status['CapInh'].strip(), 'amb', status['CapAmb'].strip()",
+                                               "'inh 0000000000000000 amb 0000000000000000'")],
+                         trusted_supervisor=True)
+    assert result.ok, result.stderr
+    check_escapes_blocked(result.stdout.decode())
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3") or shutil.which("setpriv") is None,
+                    reason="runs the unprivileged path as 'nobody' with the system Python; needs root to switch")
+def test_unprivileged_path_blocks_nested_user_namespaces():
+    # As a normal user bwrap makes a user namespace; --disable-userns and the filter forbid another.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys\n"
+              f"sys.path.insert(0, {repo!r})\n"
+              "from rewards.sandbox import Sandbox\n"
+              "box = Sandbox()\n"
+              f"result = box.run([sys.executable, '-I', '-S', '-c', {ESCAPES!r}])\n"
+              "sys.stdout.write(result.stdout.decode() + result.stderr.decode())\n")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                           "/usr/bin/python3", "-I", "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    if "cannot isolate" in proc.stderr or not os.access(repo, os.R_OK):
+        pytest.skip(f"no unprivileged bwrap here: {proc.stderr[-200:]}")
+    assert proc.returncode == 0, proc.stderr
+    check_escapes_blocked(proc.stdout)
 
 
 # ------------------------------------------------------------------ processes and limits
