@@ -57,14 +57,17 @@ class PythonSession:
     """One trajectory's interpreter: `run(code)` returns the cell's output or raises ToolError."""
 
     def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 1000, sandbox=None):
-        from rewards.sandbox import SandboxLimits, default_sandbox
-        self.sandbox = sandbox or default_sandbox()
+        from rewards.sandbox import SandboxLimits
+        self.sandbox = sandbox   # the process-wide default_sandbox() on first use: building needs no bwrap
         self.limits = SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s, memory_mb=memory_mb,
                                     stdout_bytes=4 * max_output_chars + 4096, stderr_bytes=64 << 10)
         self.max_output_chars = max_output_chars
         self.history: list[str] = []
 
     def run(self, code: str) -> str:
+        if self.sandbox is None:
+            from rewards.sandbox import default_sandbox
+            self.sandbox = default_sandbox()
         spec = {"history": self.history, "code": code, "mark": _MARK}
         result = self.sandbox.run([sys.executable, "-I", "-c", _RUNNER], stdin=json.dumps(spec).encode(),
                                   limits=self.limits)

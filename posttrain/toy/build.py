@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from posttrain.toy.tasks import DOMAINS, make_rows
+from posttrain.toy.tasks import AGENT_DOMAINS, DOMAINS, make_rows
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
                   "<tool_call>", "</tool_call>", "<answer>", "</answer>"]
@@ -23,9 +23,40 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 # never reach the reward: "<think>26+26</think><answer>52</answer>" would arrive as "26+2652".
 TEXT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>")
 # Qwen-style chat template (no default system prompt). The generation prompt ends with "assistant\n".
-CHAT_TEMPLATE = (
+# The template of the committed toy bases (toy-base, toy-base-13); it knows no tools.
+PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# What newly built toy models get: the same text for prompts without tools (tests/test_envs_toy.py checks it), and
+# Qwen3's conventions for tools: the offered tools listed in a system turn (compactly, `name(args): description`,
+# for a 1024-position model), calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call> in the assistant's
+# text (or given as OpenAI `tool_calls`), results as `tool` messages rendered as <tool_response> blocks inside
+# one user turn.
+CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n' }}{% endif %}"
+    "{{ 'Tools:' }}{% for tool in tools %}{% set f = tool['function'] if 'function' in tool else tool %}"
+    "{{ '\n' + f['name'] + '(' + (f['parameters']['properties'] | join(', ')) + '): ' + f['description'] }}"
+    "{% endfor %}"
+    "{{ '\nCall a tool as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>' + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>' + '\n' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}{% set c = call['function'] if 'function' in call else call %}"
+    "{{ '<tool_call>{\"name\": \"' + c['name'] + '\", \"arguments\": ' + (c['arguments'] if c['arguments'] is string else (c['arguments'] | tojson)) + '}</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>' + '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -95,6 +126,34 @@ def encode_example(tokenizer, messages: list[dict], response: str) -> tuple[list
     return list(prompt_ids), response_ids
 
 
+def encode_demonstration(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """An agent row's multi-turn demonstration (extra_info.answer: assistant and tool messages) as
+    (prompt ids, completion ids, loss mask), built exactly as a multi-turn rollout builds a trajectory
+    (posttrain.rollout.multiturn): the prompt with the environment's tools, each assistant turn's text tokenised
+    alone plus <|im_end|> (mask 1), each observation appended as the template's suffix (mask 0)."""
+    from envs import make_env_group
+    from posttrain.rollout.multiturn import ChatRenderer
+
+    renderer = ChatRenderer(tokenizer)
+    env = make_env_group(row, 1)[0]
+    obs = env.initial_observation()
+    env.close()
+    prompt, history = renderer.prompt_ids(obs.messages, obs.tools), list(obs.messages)
+    completion, mask, last_turn, pending = [], [], [], []
+    for message in row["extra_info"]["answer"]:
+        if message["role"] != "assistant":
+            pending.append(message)
+            continue
+        if pending:
+            suffix = renderer.observation_ids(history, obs.tools, pending, last_turn)
+            completion, mask, history = completion + suffix, mask + [0] * len(suffix), history + pending
+            pending = []
+        last_turn = renderer.encode(message["content"]) + [tokenizer.eos_token_id]
+        completion, mask = completion + last_turn, mask + [1] * len(last_turn)
+        history.append(message)
+    return prompt, completion, mask
+
+
 def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int = 64, lr: float = 3e-3,
                       seed: int = 0, log_every: int = 50, device: str = "cpu") -> list[float]:
     """Cross-entropy on the response tokens of the rows' ideal answers. Returns the loss curve. The model is
@@ -103,7 +162,17 @@ def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_s
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    encoded = [encode_example(tokenizer, r["prompt"], r["extra_info"]["answer"]) for r in rows]
+    # (prompt, response, loss mask of the response or None = all of it); agent rows are multi-turn demonstrations.
+    # Encoded when first drawn (a multi-turn demonstration takes ~7 ms to render); sampling indices draws exactly
+    # what sampling the encoded list did.
+    encoded: dict[int, tuple] = {}
+
+    def encode(i: int) -> tuple:
+        if i not in encoded:
+            r = rows[i]
+            encoded[i] = (encode_demonstration(tokenizer, r) if isinstance(r["extra_info"]["answer"], list)
+                          else (*encode_example(tokenizer, r["prompt"], r["extra_info"]["answer"]), None))
+        return encoded[i]
     pad = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -112,15 +181,15 @@ def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_s
     losses = []
     bar = tqdm(range(steps), desc="supervised warm-up", unit="step")
     for step in bar:
-        batch = rng.sample(encoded, min(batch_size, len(encoded)))
-        length = max(len(p) + len(r) for p, r in batch)
+        batch = [encode(i) for i in rng.sample(range(len(rows)), min(batch_size, len(rows)))]
+        length = max(len(p) + len(r) for p, r, _ in batch)
         ids = torch.full((len(batch), length), pad, dtype=torch.long)
         labels = torch.full((len(batch), length), -100, dtype=torch.long)
         attn = torch.zeros((len(batch), length), dtype=torch.long)
-        for i, (p, r) in enumerate(batch):
+        for i, (p, r, mask) in enumerate(batch):
             seq = p + r
             ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, len(p):len(seq)] = torch.tensor(r)
+            labels[i, len(p):len(seq)] = torch.tensor(r if mask is None else [t if m else -100 for t, m in zip(r, mask)])
             attn[i, :len(seq)] = 1
         loss = model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
@@ -135,14 +204,21 @@ def supervised_warmup(model, tokenizer, rows: list[dict], *, steps: int, batch_s
     return losses
 
 
-def corpus_for_tokenizer(seed: int = 0, n: int = 4000) -> list[str]:
-    """Text the tokenizer learns its merges from: every domain's questions and answers plus chat markup."""
+def corpus_for_tokenizer(seed: int = 0, n: int = 4000, agent_domains: list[str] = ()) -> list[str]:
+    """Text the tokenizer learns its merges from: every domain's questions and answers plus chat markup; with
+    `agent_domains`, also their questions, demonstrations and the tool-calling markup (a build without agent
+    domains gets exactly the tokenizer it always had)."""
     rows = make_rows(sorted(DOMAINS), n, seed, "tokenizer")
     texts = []
     for r in rows:
         texts.append(r["prompt"][0]["content"])
         texts.append(r["extra_info"]["answer"])
     texts += ["user", "assistant", "system", "tool", "Answer: "] * 50
+    if agent_domains:
+        for r in make_rows(sorted(agent_domains), n // 2, seed, "tokenizer"):
+            texts.append(r["prompt"][0]["content"])
+            texts += [m["content"] for m in r["extra_info"]["answer"]]
+        texts += ["<tool_response>\n", "\n</tool_response>", "Tools:", '{"name": ', '"arguments": '] * 50
     return texts
 
 
@@ -167,7 +243,7 @@ def build_toy_base(out_dir: str, *, domains: list[str], sft_steps: int, sft_rows
                    habit_rate: float = 0.0, device: str = "cpu") -> dict:
     """Tokenizer + model + supervised warm-up on `domains`; saved as a Hugging Face folder."""
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(corpus_for_tokenizer(seed))
+    tokenizer = train_tokenizer(corpus_for_tokenizer(seed, agent_domains=[d for d in domains if d in AGENT_DOMAINS]))
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, seed=seed)
     rows = teach_bad_habits(make_rows(domains, sft_rows, seed, "sft", with_habits=True), habit_rate, seed)
     losses = supervised_warmup(model, tokenizer, rows, steps=sft_steps, seed=seed, lr=lr, device=device) if sft_steps else []

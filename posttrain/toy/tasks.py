@@ -156,6 +156,116 @@ DOMAINS: dict[str, ToyDomain] = {
 }
 
 
+# ------------------------------------------------------------------ agent domains (multi-turn, with tools)
+# Each is a generator `rng -> AgentExample`: the question, the environment that answers it (envs/, by built-in
+# name and kwargs), and demonstrations as chat messages (assistant turns and the tool messages the environment
+# returns — produced by the environment's own tool code, so a warm-up sees exactly what a rollout will). The bad
+# habit is the agent's classic one: answering (or acting) without the tool that the task needs.
+
+@dataclasses.dataclass(frozen=True)
+class AgentExample:
+    question: str
+    ground_truth: object
+    env: str                       # envs built-in name
+    env_kwargs: dict
+    demo: list                     # ideal continuation: [{"role": "assistant" | "tool", "content": ...}, ...]
+    habit_demo: list | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentDomain:
+    name: str
+    make: Callable[[random.Random], AgentExample]
+
+
+def _call(name: str, **arguments) -> dict:
+    return {"role": "assistant", "content": f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"}
+
+
+def _agent_python(rng: random.Random) -> AgentExample:
+    # 4-digit by 3-digit multiplication: far beyond a 2-layer model's head, one line of Python.
+    a, b = rng.randint(1000, 9999), rng.randint(100, 999)
+    demo = [_call("python", code=f"print({a}*{b})"), {"role": "tool", "content": str(a * b)},
+            {"role": "assistant", "content": f"Answer: {a * b}"}]
+    estimate = round(a * b, -3)   # a guess in its head: the right size, the wrong digits
+    return AgentExample(f"What is {a}*{b}?", str(a * b), "python", {}, demo,
+                        [{"role": "assistant", "content": f"Answer: {estimate}"}] if estimate != a * b else None)
+
+
+def _agent_lookup(rng: random.Random) -> AgentExample:
+    from envs.lookup import search_documents, toy_documents, toy_facts
+    facts = toy_facts(0)
+    country, capital, river = rng.choice(facts)
+    if rng.random() < 0.5:
+        question, answer, query = f"What is the capital of {country}?", capital, f"capital of {country}"
+    else:
+        question, answer, query = f"Which river flows through {country}?", river, f"river {country}"
+    found = "\n".join(search_documents(toy_documents(0), query, 2))
+    demo = [_call("search", query=query), {"role": "tool", "content": found},
+            {"role": "assistant", "content": f"Answer: {answer}"}]
+    guess = rng.choice(facts)[1 if answer == capital else 2]   # a made-up name that sounds right
+    return AgentExample(question, answer, "lookup", {"store_seed": 0}, demo,
+                        [{"role": "assistant", "content": f"Answer: {guess}"}] if guess != answer else None)
+
+
+_USERS = ["ana", "ben", "cy", "dee", "eli", "fay", "gus", "hal"]
+_ITEMS = ["lamp", "desk", "mug", "rug", "fan", "pen", "bag", "cap"]
+_STREETS = ["Elm", "Oak", "Pine", "Ash", "Birch", "Cedar"]
+
+
+def _agent_tau(rng: random.Random) -> AgentExample:
+    from envs.tau import OrdersAPI
+    user = rng.choice(_USERS)
+    items = rng.sample(_ITEMS, 3)
+    ids = rng.sample(range(10, 99), 4)
+    orders = {f"o{ids[i]}": {"user": user, "item": item, "status": "pending", "address": f"{rng.randint(1, 99)} "
+                             f"{rng.choice(_STREETS)} St"} for i, item in enumerate(items)}
+    orders[f"o{ids[3]}"] = {"user": rng.choice([u for u in _USERS if u != user]), "item": items[0],
+                            "status": "pending", "address": "1 Main St"}
+    db = {"orders": orders}
+    target = rng.randrange(3)
+    order_id = f"o{ids[target]}"
+    if rng.random() < 0.5:
+        question, action = f"I am {user}. Cancel my {items[target]} order.", {"name": "cancel_order",
+                                                                              "arguments": {"order_id": order_id}}
+    else:
+        address = f"{rng.randint(1, 99)} {rng.choice(_STREETS)} St"
+        question = f"I am {user}. Send my {items[target]} order to {address}."
+        action = {"name": "change_address", "arguments": {"order_id": order_id, "address": address}}
+    api = OrdersAPI(db)
+    demo = [_call("find_orders", user=user), {"role": "tool", "content": api.find_orders(user)},
+            _call(action["name"], **action["arguments"]), {"role": "tool", "content": api.apply(action)},
+            {"role": "assistant", "content": "Done."}]
+    wrong_id = f"o{ids[(target + 1) % 3]}"   # acting on a guessed order id without looking it up
+    wrong = {**action, "arguments": {**action["arguments"], "order_id": wrong_id}}
+    habit = [_call(wrong["name"], **wrong["arguments"]), {"role": "tool", "content": OrdersAPI(db).apply(wrong)},
+             {"role": "assistant", "content": "Done."}]
+    return AgentExample(question, json.dumps([action]), "tau", {"db": db}, demo, habit)
+
+
+def _agent_codefix(rng: random.Random) -> AgentExample:
+    # Submit to the judge; on a failing test, read it and fix. The habit: give up after the first failure.
+    op, k = rng.choice(["+", "-", "*"]), rng.randint(2, 9)
+    inputs = [[1], [4], [7]]
+    outputs = [eval(f"{x[0]}{op}{k}") for x in inputs]  # noqa: S307 — our own generated arithmetic
+    right, wrong = f"def f(x): return x{op}{k}", f"def f(x): return x{op}{k + 1}"
+    failed = f"Failed wrong_answer on f(1): expected {outputs[0]}; returned {eval(f'1{op}{k + 1}')}. 2 submission(s) left."  # noqa: S307
+    first_wrong = rng.random() < 0.3
+    demo = ([_call("submit", code=wrong), {"role": "tool", "content": failed}] if first_wrong else []) + \
+        [_call("submit", code=right)]
+    habit = [_call("submit", code=wrong), {"role": "tool", "content": failed}, {"role": "assistant", "content": "Done."}]
+    return AgentExample(f"Write f(x) returning x{op}{k}. Submit it.",
+                        json.dumps({"fn_name": "f", "inputs": inputs, "outputs": outputs}), "code", {}, demo, habit)
+
+
+AGENT_DOMAINS: dict[str, AgentDomain] = {
+    "python": AgentDomain("python", _agent_python),
+    "lookup": AgentDomain("lookup", _agent_lookup),
+    "tau": AgentDomain("tau", _agent_tau),
+    "codefix": AgentDomain("codefix", _agent_codefix),
+}
+
+
 def is_held_out(question: str) -> bool:
     """About 1 question in 8 belongs to the held-out split, decided by a stable hash of its text, so that
     training (supervised warm-up and RL) never sees a held-out question."""
@@ -167,16 +277,21 @@ def make_rows(domains: list[str], n: int, seed: int, split: str, *, with_habits:
 
     split "eval" draws only held-out questions; every other split draws only the rest. `with_habits` adds each
     row's bad-habit response (or None) as extra_info["habit"], for the supervised warm-up only."""
-    unknown = [d for d in domains if d not in DOMAINS]
+    unknown = [d for d in domains if d not in DOMAINS and d not in AGENT_DOMAINS]
     if unknown:
-        raise ValueError(f"unknown toy domain(s) {unknown}; known: {sorted(DOMAINS)}")
+        raise ValueError(f"unknown toy domain(s) {unknown}; known: {sorted(DOMAINS)} and the agent domains "
+                         f"{sorted(AGENT_DOMAINS)}")
     rng = random.Random(f"{seed}-{split}")
     rows = []
     for i in range(n):
-        domain = DOMAINS[domains[i % len(domains)]]
+        name = domains[i % len(domains)]
+        domain = DOMAINS.get(name) or AGENT_DOMAINS[name]
         ex = domain.make(rng)
         while is_held_out(ex.question) != (split == "eval"):
             ex = domain.make(rng)
+        if isinstance(ex, AgentExample):
+            rows.append(_agent_row(domain.name, ex, split, i, with_habits))
+            continue
         rows.append({
             "prompt": [{"role": "user", "content": ex.question}],
             "data_source": f"toy/{domain.name}",
@@ -185,6 +300,17 @@ def make_rows(domains: list[str], n: int, seed: int, split: str, *, with_habits:
                            **({"habit": ex.habit_text} if with_habits else {})},
         })
     return rows
+
+
+def _agent_row(name: str, ex: AgentExample, split: str, index: int, with_habits: bool) -> dict:
+    """An agent row: extra_info.env names the environment; extra_info.answer is the demonstration (messages)."""
+    return {
+        "prompt": [{"role": "user", "content": ex.question}],
+        "data_source": f"toy/{name}",
+        "reward_model": {"style": "rule", "ground_truth": ex.ground_truth},
+        "extra_info": {"split": split, "index": index, "env": {"name": ex.env, "kwargs": ex.env_kwargs},
+                       "answer": ex.demo, **({"habit": ex.habit_demo} if with_habits else {})},
+    }
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
