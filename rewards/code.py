@@ -14,25 +14,30 @@ under "failure": no_code, compile_error, wrong_answer, runtime_error, time_limit
 output_limit, bad_input (the row itself is malformed), sandbox_error (the judge failed, not the code).
 
 How a problem is judged (one sandbox per problem; measured in benchmarks/CODE_JUDGE.md): the host
-starts one bubblewrap sandbox whose trusted harness (`_HARNESS`, stdlib only) forks one child per
-test. Each child drops to the sandbox's unprivileged uid, sets its own limits (CPU, memory, processes,
-file size), runs the program with the test's input, and its stdout / return value goes back to the
-host, which compares it with the expected output. So:
+starts one bubblewrap sandbox whose trusted harness (rewards/_judge_harness.py, stdlib only) forks
+one child per test. Each child drops to the sandbox's unprivileged uid, sets its own limits (memory,
+processes, file size; CPU time is counted over all of the test's processes), runs the program with
+the test's input, and its stdout / return value goes back to the host, which compares it with the
+expected output. So:
   * expected outputs never enter the sandbox, and the verdict is decided on the host: a program can
     only pass by producing the right output for every test; nothing it writes can say "passed";
   * exiting early (`sys.exit(0)`, `os._exit(0)`) just ends that test's output: a function test with
     no returned value is a runtime error; a stdin test is compared on what was printed;
   * returned values travel as JSON and are compared as JSON values on the host, so an object whose
     `__eq__` lies is not JSON and fails (an int subclass arrives as its plain int value);
-  * between tests every process of the test is killed (kill(-1) inside the PID namespace), so
-    background children cannot leak into the next test or outlive the judgement.
+  * the harness's verdict channel is unreachable from the program; the one channel the program can
+    write besides stdout (the answer of a function test) can only say what the program could cause
+    itself, so no program can turn its failure into a compile_error or a sandbox_error;
+  * between tests every process of the test is killed and the files it left are removed, so
+    background children and files cannot leak into the next test or outlive the judgement.
 
 Comparison rules: stdout is compared line by line after removing trailing whitespace on each line and
 trailing blank lines; everything else (leading spaces, blank lines in the middle, case) is exact.
 Returned values: JSON round trip of both sides, then equal as JSON values: numbers by value (2 == 2.0),
 booleans only equal booleans, lists in order, objects by keys; no float tolerance.
 
-Limits (per test) come from extra_info: `time_limit_s` (CPU seconds, default 2; the wall clock allows
+Limits (per test) come from extra_info: `time_limit_s` (CPU seconds of all the test's processes
+together, default 2; the wall clock allows
 1.5x + 0.5 s), `memory_limit_mb` (address space, default 512), `output_limit_mb` (default 4).
 
 `compute_score_batch` judges many completions in parallel (threads: each judgement mostly waits on

@@ -10,7 +10,11 @@ What a sandboxed run gets (mechanism "bwrap"):
     and root is exempt from it, so this is what makes the process cap real. As a normal user bwrap
     makes a user namespace and the cap counts per namespace.
   * rlimits set inside, after the namespaces exist and before the program's exec: CPU seconds,
-    address space, processes, file size, open files, no core dumps; `no_new_privs`.
+    address space, processes, file size, open files, no core dumps; `no_new_privs`. CPU and memory
+    limits are per process here (the code judge's harness adds up CPU over all of a test's processes).
+  * a seccomp filter (rewards/_seccomp.py, x86_64): no new namespaces, no mounts, no ptrace / bpf /
+    io_uring / keyrings / module loading, no SysV IPC or message queues, sockets only AF_UNIX/INET/INET6.
+    As a normal user bwrap also gets `--disable-userns`, so no nested user namespace is possible.
   * a wall-clock limit enforced from the host: killing bwrap kills the PID namespace's init
     (`--die-with-parent`), and the kernel then kills every process in it — no background child
     outlives a run. stdout/stderr are capped; a run that overflows them is killed.
