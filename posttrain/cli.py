@@ -68,7 +68,8 @@ SAFE_TO_CHANGE = ("total_steps", "checkpoint.", "data.eval_every", "data.eval_ma
                   "rollout.gpu_memory_utilization", "trainer.num_workers", "trainer.cpus_per_worker",
                   "trainer.gpus_per_worker", "trainer.micro_batch_size", "rewards.timeout_s",
                   "rewards.max_concurrency", "rewards.samples_per_task", "algorithm.resident_engines", "algorithm.engine_cpus",
-                  "algorithm.engine_gpus", "trainer.max_nonfinite_steps")
+                  "algorithm.engine_gpus", "trainer.max_nonfinite_steps", "rewards.max_failure_fraction",
+                  "rewards.max_failing_steps")
 
 
 def _is_safe(key: str) -> bool:
@@ -174,7 +175,7 @@ def _run_dir_problem(run_dir: str, err: OSError) -> str:
 def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:
     from posttrain.config import RecipeError, dump_recipe_yaml
     from posttrain.data import DatasetError
-    from posttrain.loops.run import RunInterrupted, StaleWeightsError
+    from posttrain.loops.run import RewardsBroken, RunInterrupted, StaleWeightsError
     from rewards.base import RewardSpecError
 
     if resume_from:
@@ -199,7 +200,7 @@ def _run_locked(args, recipe, run_dir: str, resume_from: str | None) -> int:
     except (DatasetError, RecipeError, RewardSpecError) as err:
         _print_err(str(err))
         return 2
-    except (RunInterrupted, StaleWeightsError) as err:
+    except (RunInterrupted, StaleWeightsError, RewardsBroken) as err:
         _print_err(str(err))
         return 3
     finally:

@@ -72,6 +72,9 @@ class RewardsConfig(_Strict):
     timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit per sample; beyond it the sample scores 0 "
                              "and counts as `reward/failures/timeout`.")
     max_concurrency: int = Field(4, ge=1, description="Reward tasks in flight at once.")
+    max_failure_fraction: float = Field(0.5, ge=0, le=1, description="A reward that raises, hangs or crashes on "
+                                        "more than this fraction of a step's samples is reported loudly.")
+    max_failing_steps: int = Field(3, ge=1, description="That many such steps in a row stop the run.")
     samples_per_task: int = Field(16, ge=1, description="Samples scored per Ray task (a task that fails or runs "
                                   "past timeout_s is retried one sample per task, so only the culprit is charged).")
 

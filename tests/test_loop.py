@@ -230,3 +230,20 @@ def test_grpo_run_with_a_thread_leaking_reward_leaves_no_process_and_ends_atomic
     assert [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))] == records
     third = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert third.returncode == 0 and "nothing to do" in third.stdout
+
+
+@pytest.mark.integration
+def test_a_reward_failing_on_most_samples_is_loud_and_stops_the_run(tmp_path):
+    reward = tmp_path / "broken.py"
+    reward.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return {'score': 1.0, 'x': 1 / 0}\n")
+    run_dir = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", "recipes/smoke.yaml", "total_steps=5",
+                          f"rewards.functions=[{{name: {reward}:compute_score}}]", "rewards.max_failing_steps=2",
+                          "data.eval_files=[]", "--run-dir", run_dir, "--no-progress"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "FAILED on 32/32 samples (exception:ZeroDivisionError: 32)" in out.stderr, out.stderr[-3000:]
+    assert "in 2 steps in a row (rewards.max_failing_steps = 2)" in out.stderr
+    assert "FAILED on" in open(os.path.join(run_dir, "events.log")).read()
+    assert not os.path.exists(os.path.join(run_dir, "final"))

@@ -28,8 +28,8 @@ from posttrain.config import Recipe, recipe_hash, recipe_to_dict
 from posttrain.data import DataCursor, DatasetError, encode_prompt, load_prompt_rows
 from posttrain.metrics import MetricsLog, StepTimer, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
-from posttrain.reward_pool import (check_rewards_load, release_reward_servers, reward_fns_from_recipe, reward_metrics,
-                                   score_batch)
+from posttrain.rewards_runner import (check_rewards_load, failing_rewards, release_reward_servers,
+                                      reward_fns_from_recipe, reward_metrics, score_batch)
 
 
 class StaleWeightsError(RuntimeError):
@@ -38,6 +38,10 @@ class StaleWeightsError(RuntimeError):
 
 class RunInterrupted(RuntimeError):
     """The run stopped with its checkpoint intact; the message says how to continue."""
+
+
+class RewardsBroken(RuntimeError):
+    """A reward function failed on most samples for several steps in a row: training on its zeros is pointless."""
 
 
 @dataclasses.dataclass
@@ -103,7 +107,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
     startup_s = time.time() - t_start
 
     r = recipe.rollout
-    timer, nonfinite_steps = StepTimer(), 0
+    timer, nonfinite_steps, failing_steps = StepTimer(), 0, 0
     bar = tqdm(range(start_step + 1, recipe.total_steps + 1), desc=recipe.name, unit="step", disable=not progress,
                initial=start_step, total=recipe.total_steps, dynamic_ncols=True)
     for step in bar:
@@ -120,6 +124,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
             samples = [reward_sample(data.train_rows[i], text) for i, text in zip(batch.row_index, batch.texts)]
             results = score_rewards(recipe, reward_fns, samples)
             batch.rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
+        failing_steps = check_failing_rewards(recipe, run_dir, step, results, failing_steps)
         # 3. the algorithm's update (advantages or teacher scoring, then mini-batch optimizer steps) ------------
         update_metrics = algorithm.update(batch, trainer, timer)
         nonfinite_steps = nonfinite_steps + 1 if update_metrics.get("loss/nonfinite_skipped", 0) > 0 else 0
@@ -238,6 +243,26 @@ def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, c
                 "means non-finite weights). The engine is generating with stale or corrupted weights; the run "
                 "stops rather than train on them.")
     return worst
+
+
+def check_failing_rewards(recipe: Recipe, run_dir: str, step: int, results: list[dict], failing_steps: int) -> int:
+    """A reward that raises, hangs or crashes on most samples is loud at once (stderr and events.log) and stops
+    the run after `rewards.max_failing_steps` such steps in a row. Returns the updated count of such steps."""
+    failing = failing_rewards(results, recipe.rewards.max_failure_fraction)
+    if not failing:
+        return 0
+    for f in failing:
+        log_event(run_dir, f"step {step}: reward {f['reward']!r} FAILED on {f['failed']}/{f['applied']} samples "
+                           f"({', '.join(f'{k}: {n}' for k, n in sorted(f['by_kind'].items()))}); they score 0")
+    failing_steps += 1
+    if failing_steps >= recipe.rewards.max_failing_steps:
+        names = ", ".join(repr(f["reward"]) for f in failing)
+        raise RewardsBroken(
+            f"reward {names} failed on more than {recipe.rewards.max_failure_fraction:.0%} of its samples in "
+            f"{failing_steps} steps in a row (rewards.max_failing_steps = {recipe.rewards.max_failing_steps}); "
+            f"see {os.path.join(run_dir, 'events.log')} for the failure kinds, and check it with `posttrain score "
+            f"--reward NAME` on a few completions. The latest checkpoint is intact.")
+    return failing_steps
 
 
 def equal_reward_group_frac(rewards: torch.Tensor, gids: torch.Tensor) -> float:
