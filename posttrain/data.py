@@ -23,6 +23,9 @@ def _load_rows(path: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as err:  # noqa: BLE001 — arrow schema errors etc., re-phrased for the user
+        undecodable = _name_undecodable_line(path) if kind == "json" and _is_decode_error(err) else None
+        if undecodable is not None:
+            raise undecodable from None
         raise DatasetError(f"cannot read dataset {path}: {type(err).__name__}: {str(err)[:400]}. Each line must be "
                            "a JSON object with `prompt`, `data_source`, `reward_model.ground_truth`; fields must "
                            "keep one type across rows (store mixed ground truths as JSON strings)") from None
@@ -30,6 +33,27 @@ def _load_rows(path: str) -> list[dict]:
         return ds.to_list()
     except UnicodeDecodeError:  # arrow keeps the raw bytes; decoding fails only here, for the whole file
         raise _name_undecodable_row(ds, path) from None
+
+
+def _is_decode_error(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, UnicodeDecodeError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _name_undecodable_line(path: str) -> DatasetError | None:
+    """The first line of a JSON(L) file that is not UTF-8 (when bad bytes stop the reader itself, e.g. in a key)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DatasetError(f"{path} line {number}: not valid UTF-8 (bytes {line[err.start:err.end].hex(' ')} "
+                                    f"at byte {err.start + 1}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t "
+                                    "utf-8) or remove the row")
+    return None
 
 
 def _name_undecodable_row(ds, path: str) -> DatasetError:

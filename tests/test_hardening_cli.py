@@ -123,15 +123,16 @@ def test_non_finite_numbers_are_refused(tmp_path, override, field):
 
 
 @pytest.mark.unit
-def test_non_utf8_dataset_row_is_named(tmp_path):
+@pytest.mark.parametrize("where, named", [(b'"hi"', "row 3"), (b'"data_source"', "line 3")])  # a value, a key
+def test_non_utf8_dataset_row_is_named(tmp_path, where, named):
     from posttrain.data import DatasetError, load_prompt_rows
     good = b'{"prompt": [{"role": "user", "content": "hi"}], "data_source": "x", "reward_model": {"ground_truth": "1"}}\n'
-    bad = good.replace(b'"hi"', b'"h\xff\xfei"')
+    bad = good.replace(where, where[:2] + b"\xff\xfe" + where[2:])
     path = tmp_path / "latin.jsonl"
     path.write_bytes(good + good + bad + good)
     with pytest.raises(DatasetError) as err:
         load_prompt_rows([str(path)])
-    assert f"{path} row 3" in str(err.value) and "UTF-8" in str(err.value)
+    assert f"{path} {named}" in str(err.value) and "not valid UTF-8" in str(err.value)
 
 
 @pytest.mark.unit
