@@ -388,6 +388,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = safe_load_yaml(text) if text != "" else ""
         except yaml.YAMLError as err:
             shown = text if len(text) <= 40 else text[:37] + "..."
+            if isinstance(err, YAMLTooLargeError):
+                raise RecipeError(f"override of `{key.strip()}`: the value {shown!r} is refused: {err}") from None
             raise RecipeError(f"override of `{key.strip()}`: the value {shown!r} is not valid YAML: "
                               f"{_yaml_problem(err)}; fix it, or quote it to pass it as text "
                               f"({key.strip()}='\"{shown}\"')") from None
@@ -460,7 +462,8 @@ def load_recipe_dict(path: str, overrides: list[str] | None = None) -> dict:
     try:
         raw = safe_load_yaml(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
+        verdict = "is refused" if isinstance(err, YAMLTooLargeError) else "is not valid YAML"
+        raise RecipeError(f"recipe {path} {verdict}: {_yaml_problem(err)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping at the top level, got {type(raw).__name__}")
