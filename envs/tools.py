@@ -19,8 +19,11 @@ wrong argument types, a tool that raises, hangs or floods its output) becomes a 
 the kind (counted as `env/tool_errors/<kind>`) and whose `content` tells the model what was wrong; nothing raises.
 
 Trusted tools run in a thread with a wall-clock limit (a hung one is abandoned, its thread leaks until it
-returns: mark a tool that may hang `untrusted`). Untrusted tools run in `rewards.sandbox` (no network, rlimits,
-killed at the wall-clock limit): the function's module file is loaded inside the sandbox by path.
+returns: mark a tool that may hang `untrusted`). Untrusted tools run in `rewards.sandbox` (no network, no host
+files, rlimits, killed at the wall-clock limit): a module-level function whose module source is copied into the
+sandbox and imported there (stdlib and installed packages only; `from envs import tool` works), one fresh
+sandbox per call. A tool that needs per-episode state is a trusted method that itself calls the sandbox (as
+envs/python.py's session does).
 """
 from __future__ import annotations
 
@@ -95,28 +98,29 @@ def _json_type(annotation: Any) -> dict:
                     "declare the tool's parameters explicitly with @tool(parameters={...})")
 
 
+_ARG_SECTIONS = ("Args:", "Arguments:", "Parameters:")
+_OTHER_SECTIONS = ("Returns:", "Return:", "Raises:", "Yields:", "Examples:", "Example:", "Notes:", "Note:")
+
+
 def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
-    """(description, {arg: text}) from a Google-style docstring (`Args:` section, `name: text` lines)."""
-    lines = inspect.cleandoc(doc or "").splitlines()
-    description, args, in_args, current = [], {}, False, None
-    for line in lines:
-        stripped = line.strip()
-        if stripped in ("Args:", "Arguments:", "Parameters:"):
-            in_args = True
+    """(description, {arg: text}) from a Google-style docstring: the text before the first section, and the
+    `name: text` entries of its `Args:` section (deeper-indented lines continue an entry)."""
+    description, args, section, current, arg_indent = [], {}, "description", None, None
+    for line in inspect.cleandoc(doc or "").splitlines():
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        if indent == 0 and stripped in _ARG_SECTIONS + _OTHER_SECTIONS:
+            section = "args" if stripped in _ARG_SECTIONS else "other"
             continue
-        if in_args:
-            if stripped.endswith(":") and not line.startswith(" "):   # the next section (Returns:, Raises:)
-                in_args = False
-                continue
-            match = re.match(r"^\s+(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", line)
-            if match and (current is None or len(line) - len(line.lstrip()) <= args[current][1]):
-                current = match.group(1)
-                args[current] = [match.group(2), len(line) - len(line.lstrip())]
-            elif current and stripped:
-                args[current][0] += " " + stripped
-        elif stripped or description:
+        if section == "description":
             description.append(stripped)
-    return " ".join(" ".join(description).split()), {k: v[0] for k, v in args.items()}
+        elif section == "args" and stripped:
+            match = re.match(r"^(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", stripped)
+            if match and (arg_indent is None or indent <= arg_indent):
+                arg_indent, current = indent, match.group(1)
+                args[current] = match.group(2)
+            elif current is not None:
+                args[current] += " " + stripped
+    return " ".join(" ".join(description).split()), args
 
 
 def schema_from_signature(fn: Callable) -> tuple[str, dict]:
@@ -270,17 +274,15 @@ def _run_in_thread(tool_: Tool, arguments: dict) -> tuple[str, str | None]:
         return f"Error: {tool_.name} raised {type(err).__name__}: {str(err)[:300]}", "tool_exception"
 
 
-# Runs inside the sandbox: load the tool's module by path, call the function, print a marked JSON result.
+# Runs inside the sandbox: import the tool's module (its source copied into the work dir), call the function,
+# print a marked JSON result. `envs` there is a one-file stand-in whose `tool` decorator returns the function, so
+# the module's `from envs import tool` works without exposing the host's packages.
 _SANDBOX_RUNNER = r"""
-import importlib.util, json, sys
+import json, sys
+sys.path.insert(0, "")
 spec = json.loads(sys.stdin.read())
-for path in spec["sys_path"]:
-    sys.path.insert(0, path)
-mod_spec = importlib.util.spec_from_file_location("_posttrain_tool_module", spec["file"])
-module = importlib.util.module_from_spec(mod_spec)
-mod_spec.loader.exec_module(module)
+import posttrain_tool_module as module
 fn = getattr(module, spec["function"])
-fn = getattr(fn, "fn", fn)
 try:
     value = fn(**spec["arguments"])
     out = {"ok": True, "value": value if isinstance(value, str) else json.dumps(value, default=repr)}
@@ -288,21 +290,28 @@ except Exception as err:
     out = {"ok": False, "value": type(err).__name__ + ": " + str(err)[:300]}
 sys.stdout.write("\n<<posttrain-tool-result>>" + json.dumps(out))
 """
+_ENVS_STAND_IN = b"""
+def tool(fn=None, **options):
+    return fn if fn is not None else (lambda f: f)
+
+class ToolError(Exception):
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+"""
 _MARK = b"\n<<posttrain-tool-result>>"
 
 
 def _run_sandboxed(tool_: Tool, arguments: dict) -> tuple[str, str | None]:
-    from rewards.sandbox import SandboxLimits
-    fn = tool_.fn
-    module_file = os.path.realpath(inspect.getfile(fn))
-    envs_root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))   # so the module may `import envs`
-    binds = (os.path.dirname(module_file), os.path.join(envs_root, "envs"))
+    from rewards.sandbox import SandboxLimits, default_sandbox
+    with open(inspect.getfile(tool_.fn), "rb") as fh:
+        source = fh.read()
     limits = SandboxLimits(wall_s=tool_.timeout_s, cpu_s=tool_.timeout_s,
                            stdout_bytes=max(4 * tool_.max_output_chars, 1 << 16))
-    spec = {"file": module_file, "function": fn.__name__, "arguments": arguments,
-            "sys_path": [os.path.dirname(module_file), envs_root]}
-    result = _sandbox_for(binds).run([sys.executable, "-I", "-c", _SANDBOX_RUNNER],
-                                     stdin=json.dumps(spec).encode(), limits=limits)
+    result = default_sandbox().run(
+        [sys.executable, "-I", "-c", _SANDBOX_RUNNER], limits=limits,
+        stdin=json.dumps({"function": tool_.fn.__name__, "arguments": arguments}).encode(),
+        files={"posttrain_tool_module.py": source, "envs.py": _ENVS_STAND_IN})
     return sandbox_outcome(tool_.name, result, tool_.timeout_s)
 
 
@@ -319,13 +328,3 @@ def sandbox_outcome(name: str, result, timeout_s: float) -> tuple[str, str | Non
         return f"Error: {name} crashed ({why}) {stderr[0][:300]}".rstrip(), "tool_crash"
     out = json.loads(tail)
     return (out["value"], None) if out["ok"] else (f"Error: {name} raised {out['value']}", "tool_exception")
-
-
-_SANDBOXES: dict = {}
-
-
-def _sandbox_for(binds: tuple[str, ...]):
-    from rewards.sandbox import Sandbox
-    if binds not in _SANDBOXES:
-        _SANDBOXES[binds] = Sandbox(extra_ro_binds=binds)
-    return _SANDBOXES[binds]
