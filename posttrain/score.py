@@ -235,23 +235,36 @@ def _output_problem(input_path: str, output_path: str) -> str | None:
     another spelling of the same file included): it would be emptied before it is read."""
     target = os.path.realpath(output_path)
     if input_path != "-" and (target == os.path.realpath(input_path)
-                              or (os.path.exists(target) and os.path.samefile(target, input_path))):
+                              or (os.path.exists(output_path) and os.path.samefile(output_path, input_path))):
         stem = os.path.splitext(input_path)[0]
         return (f"-o {output_path} is the input file {input_path}; scoring it in place would destroy the input: "
                 f"pass another output path, e.g. -o {stem}.scored.jsonl")
-    if os.path.isdir(target):
+    if os.path.isdir(output_path):
         return f"-o {output_path} is a folder; pass a file path such as {os.path.join(output_path, 'scored.jsonl')}"
+    if _is_special(output_path):  # /dev/stdout, a pipe: written in place
+        return None
     if not os.path.isdir(os.path.dirname(target)):
         return f"-o {output_path}: folder {os.path.dirname(target)} does not exist; create it or pass another path"
     return None
 
 
+def _is_special(path: str) -> bool:
+    """An existing output that is not a regular file or folder: a device (/dev/null), a pipe (/dev/stdout)."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
 class _OutputFile:
     """Scored lines go to a temporary file beside the output, renamed over it by commit() once every line is
-    written: an interrupted or failed run leaves any previous output untouched and no half-written file."""
+    written: an interrupted or failed run leaves any previous output untouched and no half-written file. A target
+    that exists and is not a regular file (/dev/stdout, /dev/null, a named pipe) is written in place: renaming
+    over it would replace the device or pipe itself."""
 
     def __init__(self, path: str):
         import tempfile
+        if _is_special(path):
+            self.tmp_path = None
+            self.handle = open(path, "w", encoding="utf-8")
+            return
         self.target = os.path.realpath(path)  # through a symlink: replace the file it names, not the link
         folder, name = os.path.split(self.target)
         fd, self.tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
@@ -262,6 +275,8 @@ class _OutputFile:
 
     def commit(self) -> None:
         self.handle.close()
+        if self.tmp_path is None:  # written in place
+            return
         if os.path.exists(self.target):
             mode = os.stat(self.target).st_mode & 0o7777
         else:
@@ -273,8 +288,8 @@ class _OutputFile:
         self.tmp_path = None
 
     def discard(self) -> None:
+        self.handle.close()
         if self.tmp_path is not None:
-            self.handle.close()
             os.unlink(self.tmp_path)
             self.tmp_path = None
 

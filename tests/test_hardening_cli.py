@@ -260,6 +260,17 @@ def test_score_killed_midway_leaves_the_previous_output_whole(tmp_path):
     assert len(lines) == 2 and '"score": 1.0' in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl", "slow.py"]
     assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 != 0o600  # not mkstemp's private mode
+    # A named pipe (like /dev/stdout or /dev/null) is written in place, never renamed over.
+    import stat
+    import threading
+    os.mkfifo(tmp_path / "pipe")
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(tmp_path / "pipe").read()))
+    reader.start()
+    out = _score(tmp_path, "in.jsonl", "-o", "pipe")
+    reader.join(timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode) and len(received[0].splitlines()) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
