@@ -201,7 +201,9 @@ def env_spec_of_row(row: dict, default: str | None = None, default_kwargs: dict 
         return chosen, dict(default_kwargs or {})
     if not isinstance(chosen, dict) or not isinstance(chosen.get("name"), str):
         raise EnvSpecError(f"extra_info.env must be a name or {{'name': ..., 'kwargs': {{...}}}}, got {chosen!r:.80}")
-    return chosen["name"], {**(default_kwargs or {}), **(chosen.get("kwargs") or {})}
+    # Null kwargs are dropped: Parquet / Arrow fill a key that another row has with null.
+    row_kwargs = {k: v for k, v in (chosen.get("kwargs") or {}).items() if v is not None}
+    return chosen["name"], {**(default_kwargs or {}), **row_kwargs}
 
 
 def make_env_group(row: dict, n: int, default: str | None = None, default_kwargs: dict | None = None) -> list[Env]:

@@ -60,10 +60,11 @@ def tau_reward(initial_db: dict, gold_actions: list[dict], final_db: dict) -> fl
 
 
 class TauEnv(ToolEnv):
-    def __init__(self, row: dict, *, db: dict, **kwargs):
+    def __init__(self, row: dict, *, db: dict | str, **kwargs):
+        """db: the initial database, or its JSON text (rows keep it as text: one column type across rows)."""
         super().__init__(row, **kwargs)
-        self.initial_db = copy.deepcopy(db)
-        self.api = OrdersAPI(db)
+        self.initial_db = copy.deepcopy(as_dict(db))
+        self.api = OrdersAPI(self.initial_db)
 
     @tool
     def find_orders(self, user: str) -> str:

@@ -240,7 +240,7 @@ def _agent_tau(rng: random.Random) -> AgentExample:
     wrong = {**action, "arguments": {**action["arguments"], "order_id": wrong_id}}
     habit = [_call(wrong["name"], **wrong["arguments"]), {"role": "tool", "content": OrdersAPI(db).apply(wrong)},
              {"role": "assistant", "content": "Done."}]
-    return AgentExample(question, json.dumps([action]), "tau", {"db": db}, demo, habit)
+    return AgentExample(question, json.dumps([action]), "tau", {"db": json.dumps(db)}, demo, habit)
 
 
 def _agent_codefix(rng: random.Random) -> AgentExample:
