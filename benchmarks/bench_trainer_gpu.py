@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=16384, help="tokens per packed micro-batch")
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
     ap.add_argument("--ac-every", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    ap.add_argument("--keep-gathered", action="store_true", help="reshard_after_forward=False")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=4096, help="LM-head rows per chunk")
     ap.add_argument("--out", required=True)
@@ -84,8 +86,8 @@ def main() -> None:
 
     from posttrain.algorithms.gspo import gspo_loss
     from posttrain.trainer.fsdp import build_optimizer, clip_grad_norm, shard_model
-    from posttrain.trainer.packing import (_varlen_kernel, agree_micro_batch_count, pack_batch, pad_per_sequence,
-                                           packed_response_logprobs, plan_micro_batches)
+    from posttrain.trainer.packing import (agree_micro_batch_count, pack_batch, packed_response_logprobs,
+                                           pad_per_sequence, plan_micro_batches, varlen_kernel_available)
     from transformers import Qwen3ForCausalLM
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -99,14 +101,15 @@ def main() -> None:
         model = Qwen3ForCausalLM(config)           # fp32: the master weights
     n_params = sum(p.numel() for p in model.parameters())
     shard_model(model, compute_dtype=torch.bfloat16, activation_checkpointing=args.ac,
-                checkpoint_every=args.ac_every)
+                checkpoint_every=args.ac_every, compile_layers=args.compile,
+                reshard_after_forward=not args.keep_gathered)
     optimizer = build_optimizer(model, lr=1e-6)
     model.train()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
     gen = torch.Generator().manual_seed(1)
-    times, flops_per_step, step_tokens = [], [], []
+    times, optim_times, flops_per_step, step_tokens = [], [], [], []
     for step in range(args.steps + 1):
         prompts, responses = ragged_step(args.seq_len, args.tokens, VOCAB, gen)
         n_global = len(prompts)
@@ -126,6 +129,8 @@ def main() -> None:
             adv = advantages[mb.sequence_indices].cuda()
             loss, _ = gspo_loss(logprobs, logprobs.detach(), adv, mask)
             (loss * (len(mb.sequence_indices) / n_global)).backward()
+        torch.cuda.synchronize()
+        optim_start = time.perf_counter()
         grad_norm = clip_grad_norm(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -133,6 +138,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if step > 0:
             times.append(elapsed)
+            optim_times.append(time.perf_counter() - optim_start)
             flops_per_step.append(flops)
             step_tokens.append(sum(seq_lens))
         if rank == 0:
@@ -143,11 +149,12 @@ def main() -> None:
     result = {
         "size": args.size, "params": n_params, "gpus": world, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "token_budget": args.token_budget, "activation_checkpointing": args.ac, "ac_every": args.ac_every,
-        "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s),
+        "compile": args.compile, "keep_gathered": args.keep_gathered,
+        "step_s": round(step_s, 3), "clip_and_adamw_s": round(sum(optim_times) / len(optim_times), 3), "tokens_per_s": round(tokens / step_s),
         "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "attention": "varlen_attn" if _varlen_kernel() is not None else "sdpa per sequence",
+        "attention": "varlen_attn" if varlen_kernel_available() else "sdpa per sequence",
         "torch": torch.__version__, "device": torch.cuda.get_device_name(),
     }
     if rank == 0:

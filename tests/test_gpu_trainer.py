@@ -98,7 +98,7 @@ def test_fp32_master_weights_see_an_lr_1e6_update_that_bf16_weights_lose(process
 
 def test_packed_bf16_attention_matches_each_sequence_alone(process_group):
     from posttrain.algorithms.logprobs import sequence_token_logprobs
-    from posttrain.trainer.packing import _varlen_kernel, pack_batch, packed_response_logprobs, use_varlen_attention
+    from posttrain.trainer.packing import varlen_kernel_available, pack_batch, packed_response_logprobs, use_varlen_attention
 
     alone = _qwen3_layers(2).to(torch.bfloat16).eval()
     packed = use_varlen_attention(copy.deepcopy(alone))
@@ -119,7 +119,7 @@ def test_packed_bf16_attention_matches_each_sequence_alone(process_group):
                                            torch.ones(1, len(prompts[last]) + len(responses[last]), device="cuda",
                                                       dtype=torch.long))[0, len(prompts[last]) - 1:]
         crossed_error = float((crossed.float() - ref_last.float()).abs().mean())
-    print(f"kernel: {'varlen_attn' if _varlen_kernel() else 'sdpa per sequence'}; mean |Δ log p| per sequence "
+    print(f"kernel: {'varlen_attn' if varlen_kernel_available() else 'sdpa per sequence'}; mean |Δ log p| per sequence "
           f"{max(errors):.2e} (max), crossing sequences {crossed_error:.2e}")
     assert max(errors) < 0.02
     assert crossed_error > 10 * max(errors)

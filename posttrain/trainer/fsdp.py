@@ -37,14 +37,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compute_dtype: torch.dtype | None = None,
                 activation_checkpointing: bool = False, checkpoint_every: int = 1, cpu_offload: bool = False,
-                reshard_after_forward: bool = True) -> torch.nn.Module:
+                reshard_after_forward: bool = True, compile_layers: bool = False) -> torch.nn.Module:
     """Shard `model` in place with FSDP2 over `mesh` (default: all ranks of the default process group).
 
     compute_dtype: dtype of the all-gathered parameters used in forward/backward (None: the stored dtype, e.g.
     fp32 everywhere on CPU). Gradients reduce in fp32. activation_checkpointing: recompute decoder layers in
     backward (keeps only their inputs); checkpoint_every=k recomputes every k-th layer only (less recompute,
     more memory). cpu_offload: sharded parameters, gradients and the optimizer step live
-    in CPU memory (fully_shard's CPUOffloadPolicy; the optimizer then runs on CPU).
+    in CPU memory (fully_shard's CPUOffloadPolicy; the optimizer then runs on CPU). reshard_after_forward=False
+    keeps each layer gathered from forward to backward (faster, + one bf16 copy of the model per rank).
+    compile_layers: torch.compile each decoder layer (fuses the norms, RoPE and SwiGLU element-wise kernels; the
+    layers share one compiled graph; FSDP's hooks stay eager).
     Also switches the model to packed-sequence attention (packing.py) and registers the packed log-prob forward
     as an FSDP forward method. Returns the model (now an FSDPModule)."""
     if mesh is None:
@@ -66,6 +69,9 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+    if compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)      # packed micro-batches vary in length: one dynamic-shape graph
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)

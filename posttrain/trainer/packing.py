@@ -198,34 +198,31 @@ def packed_response_logprobs(model: torch.nn.Module, micro_batch: PackedMicroBat
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
-def _varlen_kernel():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+try:  # PyTorch's flash-attention varlen kernel (CUDA); its keyword spellings differ across torch versions
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+    _VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters)
+except ImportError:
+    _varlen_attn, _VARLEN_PARAMS = None, frozenset()
+
+
+def varlen_kernel_available() -> bool:
+    return _varlen_attn is not None
 
 
 def _cuda_varlen_attention(q_THD, k_THD, v_THD, cu, max_len, scale):
-    """PyTorch's flash-attention varlen kernel (causal), across torch versions' keyword spellings."""
-    varlen_attn = _varlen_kernel()
-    params = inspect.signature(varlen_attn).parameters
-    kwargs = {}
-    if "is_causal" in params:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)          # (left, right) = causal
-    if "scale" in params:
+    """Causal flash attention within each [cu[i], cu[i+1]) segment.  [T,H,D] → [T,Hq,D]"""
+    kwargs = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}  # (-1, 0) = causal
+    if "scale" in _VARLEN_PARAMS:
         kwargs["scale"] = scale
     elif scale != q_THD.shape[-1] ** -0.5:
         raise ValueError("this torch's varlen_attn has no scale argument and the model's scale is not 1/sqrt(d)")
     if k_THD.shape[1] != q_THD.shape[1]:
-        if "enable_gqa" in params:
+        if "enable_gqa" in _VARLEN_PARAMS:
             kwargs["enable_gqa"] = True
         else:
             groups = q_THD.shape[1] // k_THD.shape[1]
             k_THD, v_THD = k_THD.repeat_interleave(groups, 1), v_THD.repeat_interleave(groups, 1)
-    return varlen_attn(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, **kwargs)
+    return _varlen_attn(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, **kwargs)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -238,7 +235,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("packed attention supports one packed row, no sliding window and no attention dropout")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_THD, k_THD, v_THD = (t[0].transpose(0, 1) for t in (query, key, value))
-    if q_THD.is_cuda and q_THD.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None:
+    if q_THD.is_cuda and q_THD.dtype in (torch.bfloat16, torch.float16) and _varlen_attn is not None:
         out_THD = _cuda_varlen_attention(q_THD, k_THD, v_THD, cu_seq_lens_q.to(torch.int32), int(max_length_q), scale)
     else:
         bounds = cu_seq_lens_q.tolist()
