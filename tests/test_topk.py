@@ -160,3 +160,60 @@ def test_cuda_bf16_chunked_matches_fp64_reference():
 
     assert rel(got, ref) < 1e-3
     assert rel(h.grad, h64.grad) < 1e-2 and rel(w.grad, w64.grad) < 1e-2
+
+
+def _tiny_causal_lm(tie: bool, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=tie)
+    return AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_sequence_token_logprobs_runs_on_the_one_chunked_kernel(tie):
+    """GSPO's model-level log-probs are the chunked kernel's: against the frozen pre-unification version (fp32, as
+    trained) they are bitwise equal when a micro-batch fits one chunk, and equal to rounding when it spans several
+    chunks (the LM-head weight gradient is then summed chunk by chunk)."""
+    from posttrain.algorithms.logprobs import sequence_token_logprobs
+    from tests.frozen_pre_split import old_token_logprobs_from_hidden
+
+    model = _tiny_causal_lm(tie)
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 37, (3, 9), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0                                              # right padding
+    upstream = torch.randn(3, 8, generator=gen)
+
+    def old_path():
+        body = model.get_decoder()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return old_token_logprobs_from_hidden(hidden[:, :-1], model.get_output_embeddings(), input_ids[:, 1:])
+
+    def values_and_grads(fn):
+        model.zero_grad()
+        logprobs = fn()
+        (logprobs * upstream).sum().backward()
+        return logprobs.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    old_lp, old_grads = values_and_grads(old_path)
+    one_chunk_lp, one_chunk_grads = values_and_grads(
+        lambda: sequence_token_logprobs(model, input_ids, attention_mask, chunk_size=24))   # 3·8 rows: one chunk
+    assert torch.equal(one_chunk_lp, old_lp)
+    assert all(torch.equal(one_chunk_grads[name], old_grads[name]) for name in old_grads)
+    chunked_lp, chunked_grads = values_and_grads(
+        lambda: sequence_token_logprobs(model, input_ids, attention_mask, chunk_size=5))    # 5 chunks, uneven
+    torch.testing.assert_close(chunked_lp, old_lp, rtol=0, atol=1e-6)
+    for name in old_grads:
+        torch.testing.assert_close(chunked_grads[name], old_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_token_logprobs_refuses_an_lm_head_with_bias():
+    from posttrain.algorithms.logprobs import sequence_token_logprobs
+
+    model = _tiny_causal_lm(tie=False)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(37))
+    with pytest.raises(ValueError, match="bias"):
+        sequence_token_logprobs(model, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))

@@ -1,4 +1,4 @@
-"""Token categories (MOPD's c_i,t) and the loop point τ_i of a response (ALGORITHMS.md §2.2).
+"""Token categories (MOPD's c_i,t, docs/algorithms.md §2.4) and the loop point τ_i of a response (§2.5).
 
 Both are tokenizer-agnostic: they take a response's token ids and/or its tokens decoded one by one
 (`token_strings_from_ids` builds those from any `decode` callable or vocabulary list).

@@ -1,4 +1,5 @@
-"""Student-side log-probs and top-k from hidden states, chunked over tokens (ALGORITHMS.md §3).
+"""Log-probs and top-k from hidden states, chunked over tokens (docs/algorithms.md §3): the project's one LM-head
+kernel. GSPO reaches it through logprobs.sequence_token_logprobs; MOPD's trainer calls it on the response positions.
 
 Full logits are [T, V]: at T = 32K and V = 152K that is 19 GB in fp32, and autograd would keep that plus its
 log-softmax for the backward pass. Everything here goes from the final hidden states h[R,H] and the LM-head
@@ -17,7 +18,7 @@ extra memory in both passes is O(chunk · V), not O(T · V):
 
 Conventions: `hidden` is the body's final (post-norm) hidden state; the row at position t predicts token t+1,
 so callers shift ids exactly as for ordinary logits. The LM head has no bias (true of Qwen-class models).
-The sampling temperature never enters here (ALGORITHMS.md: log-probs in the loss are at temperature 1).
+The sampling temperature never enters here (log-probs in the losses are at temperature 1, docs/algorithms.md §0).
 Leading dimensions are free: hidden [N,T,H] or [T,H] (or any [...,H]); ids carry the same leading shape.
 """
 from __future__ import annotations
@@ -166,7 +167,7 @@ def chunked_topk(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int,
 
         topk_ids[...,k], topk_logprobs[...,k] = TopK_k( log_softmax(hidden @ W^T) )     sorted descending
 
-    This is S_θ of ALGORITHMS.md §2.2 when called with the weights that generated the rollout (π_old).
+    This is S_θ of docs/algorithms.md §2.2 when called with the weights that generated the rollout (π_old).
     Returns (long [...,k], fp32 [...,k]).
     """
     ids, logprobs, _ = _topk_pass(hidden, lm_head_weight, k, None, chunk_size)
