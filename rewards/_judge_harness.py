@@ -27,13 +27,15 @@ whose total passes the limit is killed and reported as cpu_limit.
 
 Between tests every process is killed and reaped, and every file the test left in the writable
 places (/sandbox, /tmp, /dev/shm, /dev) is removed, so each test starts from the same clean state.
+A C++ program is compiled once (source on the compiler's stdin); its binary is kept in a sealed memfd
+of the harness and each test executes that, so no test can replace it for the next one.
 """
-import builtins, io, json, os, resource, select, shutil, signal, sys, time, traceback, types
+import builtins, fcntl, io, json, os, resource, select, shutil, signal, sys, time, traceback, types
 
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 36, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SYS_CAPSET, LINUX_CAPABILITY_VERSION_3 = 126, 0x20080522
-SETUP_FD, ANSWER_FD = 3, 4
+SETUP_FD, ANSWER_FD, BINARY_FD = 3, 4, 5
 SETUP_CAP = 4096               # bytes of the setup channel (written by harness code only)
 STDERR_KEEP = 4096             # bytes of stderr kept (the host sees the last 1000)
 TICK_S = 0.05                  # how often the CPU time of the whole test is added up
@@ -160,7 +162,7 @@ def main():
                 return
             statuses[reaped] = status
 
-    def run_child(target, stdin_bytes, cpu_s, wall_s, mem_mb, out_cap):
+    def run_child(target, stdin_bytes, cpu_s, wall_s, mem_mb, out_cap, binary_fd=None):
         in_fd = os.memfd_create("stdin")
         write_all(in_fd, stdin_bytes)
         os.lseek(in_fd, 0, 0)
@@ -177,7 +179,9 @@ def main():
                 os.setsid()
                 for fd, target_fd in ((in_fd, 0), (out_w, 1), (err_w, 2), (setup_w, SETUP_FD), (answer_w, ANSWER_FD)):
                     os.dup2(fd, target_fd)
-                os.closerange(ANSWER_FD + 1, 1 << 16)
+                if binary_fd is not None:
+                    os.dup2(binary_fd, BINARY_FD, inheritable=False)  # fexecve'd; closed by the exec
+                os.closerange(BINARY_FD + 1 if binary_fd is not None else ANSWER_FD + 1, 1 << 16)
                 os.set_inheritable(SETUP_FD, False)  # an exec'd program never holds the setup channel
                 limits(cpu_s, mem_mb, cfg["file_size_mb"], cfg["nproc"])
                 drop_privileges()
@@ -353,44 +357,47 @@ def main():
             os.close(ANSWER_FD)  # compiled programs answer on stdout only
             for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU):
                 signal.signal(sig, signal.SIG_DFL)  # Python ignores some; compiled programs must not
+            if argv[0] == BINARY_FD:  # the sealed binary: execveat(fd, "", AT_EMPTY_PATH)
+                os.execve(BINARY_FD, ["solution", *argv[1:]], os.environ)
             os.execv(argv[0], argv)
         return target
 
     tl = float(cfg["time_limit_s"])
     if lang == "cpp":
-        # The source and the binary live in a directory of the harness: as root, tests (another uid)
-        # can read and run the binary but not replace it for the next test.
-        private = os.path.join(work, ".judge")
-        os.mkdir(private, 0o755)
-        scratch[work].add(".judge")
-        src, built, binary = (os.path.join(private, "solution.cpp"), os.path.join(work, "solution.out"),
-                              os.path.join(private, "solution"))
-        with open(src, "w") as fh:
-            fh.write(cfg["source"])
-        os.chmod(src, 0o644)
-        rec, _, _ = run_child(exec_target(["/usr/bin/g++", "-O2", "-std=gnu++17", "-pipe", "-o", built, src]),
-                              b"", cfg["compile_wall_s"], cfg["compile_wall_s"], 2048, 1 << 20)
+        # The source goes in on stdin; the binary is then kept in a sealed memfd of the harness, which
+        # every test executes and none can change or delete (not even one sharing the harness's uid).
+        built = os.path.join(work, "solution")
+        rec, _, _ = run_child(exec_target(["/usr/bin/g++", "-O2", "-std=gnu++17", "-pipe", "-x", "c++",
+                                           "-o", built, "-"]),
+                              cfg["source"].encode("utf-8", "surrogateescape"), cfg["compile_wall_s"],
+                              cfg["compile_wall_s"], 2048, 1 << 20)
         ok = rec["status"] == "ok" and rec["exit_code"] == 0 and os.path.exists(built)
         if ok:
+            binary_fd = os.memfd_create("solution", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
             with open(built, "rb") as fh:
-                program = fh.read()
-            with open(binary, "wb") as fh:
-                fh.write(program)
-            os.chmod(binary, 0o755)
-        clean_scratch()  # the compiler's own output goes: tests see only the harness's copy
+                write_all(binary_fd, fh.read())
+            fcntl.fcntl(binary_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                        | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+            # far above 0..5, which each test's child fills with dup2 before it copies this one
+            high = fcntl.fcntl(binary_fd, fcntl.F_DUPFD_CLOEXEC, 64)
+            os.close(binary_fd)
+            binary_fd = high
+        clean_scratch()  # the compiler's output goes too: tests start from an empty work dir
         emit({"event": "compile", "status": "ok" if ok else "error",
               "stderr": rec["stderr"][-1000:] or str(rec["status"])})
         if not ok:
             emit({"event": "done"})
             return
     for i, test_input in cfg["tests"]:
+        binary = None
         if lang == "cpp":
-            target, stdin = exec_target([binary]), test_input.encode()
+            target, stdin, binary = exec_target([BINARY_FD]), test_input.encode(), binary_fd
         elif cfg["mode"] == "stdin":
             target, stdin = python_target(None), test_input.encode("utf-8", "surrogateescape")
         else:
             target, stdin = python_target(test_input), b""
-        rec, out, answer = run_child(target, stdin, tl, cfg["wall_s"], cfg["memory_mb"], cfg["output_bytes"])
+        rec, out, answer = run_child(target, stdin, tl, cfg["wall_s"], cfg["memory_mb"], cfg["output_bytes"],
+                                     binary)
         clean_scratch()  # before the verdict leaves: the next test starts from the same clean state
         rec["i"] = i
         emit(rec, out, answer)

@@ -536,6 +536,26 @@ def test_cpp(program, expected):
         assert result["score"] == 0.0 and result["failure"] == expected, result
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("g++") is None, reason="C++ judging needs g++ on this machine")
+def test_cpp_tests_start_clean_and_cannot_touch_the_judged_binary():
+    # Counts marks left by earlier tests (in the work dir, or next to the binary) and tries to replace
+    # the binary for the next test; each test must see a clean work dir and the harness's own binary.
+    program = (
+        "#include <cstdio>\n#include <dirent.h>\n#include <cstring>\n#include <unistd.h>\n"
+        "int count(const char *dir) { int n = 0; DIR *d = opendir(dir); if (!d) return 0;\n"
+        "  for (dirent *e; (e = readdir(d));) n += strncmp(e->d_name, \"seen\", 4) == 0; closedir(d); return n; }\n"
+        "int main(int, char **argv) {\n"
+        "  int n = count(\"/sandbox\") + count(\"/sandbox/.judge\");\n"
+        "  char path[64]; snprintf(path, sizeof path, \"/sandbox/seen%d\", n); fclose(fopen(path, \"w\"));\n"
+        "  snprintf(path, sizeof path, \"/sandbox/.judge/seen%d\", n); FILE *f = fopen(path, \"w\"); if (f) fclose(f);\n"
+        "  unlink(argv[0]);\n"
+        "  printf(\"%d\\n\", n); }\n")
+    tests = {"inputs": ["\n"] * 3, "outputs": ["0\n", "1\n", "2\n"]}
+    result = compute_score("code", fenced(program, "cpp"), tests, {**FAST, "language": "cpp"})
+    assert result["score"] == 0.0 and result["passed"] == 1 and result["failure"] == "wrong_answer", result
+
+
 # ------------------------------------------------------------------ Ray
 
 @pytest.mark.integration
