@@ -246,7 +246,7 @@ def _old_shape_error(tree: dict) -> str | None:
 class Recipe(_Strict):
     name: str = Field(description="Run name, shown in logs.")
     algorithm: AlgorithmConfig = Field(default_factory=GSPOAlgorithm, description="`{type: gspo|grpo|mopd, ...}`: "
-                                       "the algorithm and its own settings.")
+                                       "the algorithm and its own settings (type defaults to gspo).")
     seed: int = 0
     total_steps: int = Field(ge=1)
     model: ModelConfig
@@ -265,6 +265,9 @@ class Recipe(_Strict):
             message = _old_shape_error(tree)
             if message:
                 raise ValueError(message)
+            algo = tree.get("algorithm")
+            if isinstance(algo, dict) and "type" not in algo:   # `algorithm.clip_low=0.1` on a default recipe
+                tree = {**tree, "algorithm": {"type": "gspo", **algo}}
         return tree
 
     @property

@@ -247,3 +247,8 @@ def test_a_reward_failing_on_most_samples_is_loud_and_stops_the_run(tmp_path):
     assert "in 2 steps in a row (rewards.max_failing_steps = 2)" in out.stderr
     assert "FAILED on" in open(os.path.join(run_dir, "events.log")).read()
     assert not os.path.exists(os.path.join(run_dir, "final"))
+
+
+@pytest.mark.unit
+def test_algorithm_type_defaults_to_gspo_in_a_partial_block():
+    assert parse_recipe({**BASE, "algorithm": {"clip_low": 0.1}}).algorithm.clip_low == 0.1
