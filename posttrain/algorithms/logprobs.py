@@ -2,7 +2,7 @@
 
 Both algorithms use the same kernel, `topk.chunked_logprobs_at` (and its K = 1 case `chunked_token_logprobs`):
 the LM head and log-softmax run chunk by chunk over tokens from the final hidden states, forward and backward,
-so extra memory is O(chunk_size · V) in both passes, never [N, T, V] (docs/algorithms.md §3). GSPO calls
+so extra memory is O(chunk_size · V) in both passes, never [N, T, V] (docs/algorithms.md §4). GSPO calls
 `sequence_token_logprobs` here; MOPD's trainer calls the kernel on the response positions directly.
 """
 from __future__ import annotations

@@ -103,7 +103,7 @@ def candidate_advantages(cand_mask: torch.Tensor, cand_old_logprobs: torch.Tenso
 def overlap_advantages(student_topk_ids: torch.Tensor, student_topk_logprobs: torch.Tensor,
                        teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-candidate MOPD advantages over the top-k overlap (docs/algorithms.md §2.2).
+    """Per-candidate MOPD advantages over the top-k overlap (docs/algorithms.md §2.3).
 
     student_topk_ids, student_topk_logprobs: [N,T,k], the student's top-k under π_old (the candidates, in
     the given order); teacher_topk_ids, teacher_topk_logprobs: [N,T,k_T], the routed teacher's top-k.
@@ -175,7 +175,7 @@ class MOPDLossSettings:
     it travels to the trainer ranks. Defaults are pure MOPD with every option off.
 
     loss_form               "per_candidate" (the objective) or "keye_literal" (the report's formula taken
-                            literally: an ablation with zero expected gradient, docs/algorithms.md §2.3)
+                            literally: an ablation with zero expected gradient, docs/algorithms.md §2.2)
     clip_eps                per-candidate PPO clip ε of the distillation and fallback ratios (None: no clip)
     empty_overlap_fallback  where Ω is empty, train the sampled token with the reverse-KL advantage
     repetition_penalty      λ_rep ≥ 0 after the loop point τ_i (0: off)
@@ -288,7 +288,7 @@ class MOPDBatch:
 
 def distillation_term(cand_logprobs: torch.Tensor, cand_old_logprobs: torch.Tensor, cand_adv: torch.Tensor,
                       cand_mask: torch.Tensor, *, clip_eps: float | None = None) -> torch.Tensor:
-    """One term per candidate in Ω (docs/algorithms.md §2.2).   cand_* [N,T,k] → [N,T]
+    """One term per candidate in Ω (docs/algorithms.md §2.3).   cand_* [N,T,k] → [N,T]
 
         ℓ_distill[i,t] = −Σ_{v∈Ω} a_t(v)·ρ_t(v),        ρ_t(v) = exp(log πθ(v) − log π_old(v))
         (clip_eps = ε: −Σ_{v∈Ω} min(a·ρ, a·clip(ρ, 1−ε, 1+ε)), PPO per candidate)
@@ -308,7 +308,7 @@ def distillation_term(cand_logprobs: torch.Tensor, cand_old_logprobs: torch.Tens
 def empty_overlap_fallback_term(sampled_logprobs: torch.Tensor, sampled_old_logprobs: torch.Tensor,
                                 sampled_teacher_logprobs: torch.Tensor, at: torch.Tensor, *,
                                 clip_eps: float | None = None) -> torch.Tensor:
-    """MiMo-style fallback on the sampled token where Ω is empty (docs/algorithms.md §2.6).   [N,T] → [N,T]
+    """MiMo-style fallback on the sampled token where Ω is empty (docs/algorithms.md §2.7).   [N,T] → [N,T]
 
         ℓ_fb[i,t] = −1[at]·A_y·ρ_y,   A_y = sg[log π_T(y_t) − log π_old(y_t)],
                                        ρ_y = exp(log πθ(y_t) − log π_old(y_t))
@@ -338,7 +338,7 @@ def repetition_term(sampled_logprobs: torch.Tensor, past_loop: torch.Tensor) -> 
 
 
 def keye_literal_term(sampled_logprobs: torch.Tensor, weighted_state_advantage: torch.Tensor) -> torch.Tensor:
-    """ABLATION ONLY: the report's formula taken literally, ZERO EXPECTED GRADIENT (docs/algorithms.md §2.3).
+    """ABLATION ONLY: the report's formula taken literally, ZERO EXPECTED GRADIENT (docs/algorithms.md §2.2).
 
         ℓ_lit[i,t] = −(b·c·Â_i,t) · log πθ(y_i,t),     Â_i,t = Σ_{v∈Ω} a_t(v)   (state-only, detached)
 
@@ -387,7 +387,7 @@ def _require(name: str, value, reason: str):
 
 def mopd_objective(batch: MOPDBatch, settings: MOPDLossSettings, *, cand_logprobs: torch.Tensor | None,
                    sampled_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The MOPD loss (docs/algorithms.md §2.7): the per-token terms, weighted, summed, each sequence counted once.
+    """The MOPD loss (docs/algorithms.md §2.8): the per-token terms, weighted, summed, each sequence counted once.
 
         loss   = (1/N') Σ_i (1/|M_i|) Σ_{t∈M_i} ℓ_i,t                                        (gspo.sequence_mean)
         ℓ_i,t  = w·1[t<τ_i]·ℓ_distill  + w·ℓ_fb  + λ_rep·b·ℓ_rep  + α·b·ℓ_GSPO-token,      w = b·c
@@ -626,7 +626,7 @@ def keye_literal_loss(sampled_logprobs: torch.Tensor, cand_adv: torch.Tensor, to
         L     = −(1/N) Σ_i (1/|M_i|) Σ_{t∈M_i} b·c·Â_i,t · log πθ(y_i,t)
 
     Â depends on the state, not on the sampled token, and E_{y~πθ}[∇ log πθ(y)] = 0, so the expected
-    gradient is exactly zero: the student learns nothing from the teacher, only noise (docs/algorithms.md §2.3).
+    gradient is exactly zero: the student learns nothing from the teacher, only noise (docs/algorithms.md §2.2).
     Kept to reproduce that finding (`keye_literal_term`; `mopd_objective` with loss_form="keye_literal").
     sampled_logprobs [N,T] differentiable; cand_adv [N,T,k]; token_weights, mask, gate [N,T].
     """

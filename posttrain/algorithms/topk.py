@@ -1,4 +1,4 @@
-"""Log-probs and top-k from hidden states, chunked over tokens (docs/algorithms.md §3): the project's one LM-head
+"""Log-probs and top-k from hidden states, chunked over tokens (docs/algorithms.md §4): the project's one LM-head
 kernel. GSPO reaches it through logprobs.sequence_token_logprobs; MOPD's trainer calls it on the response positions.
 
 Full logits are [T, V]: at T = 32K and V = 152K that is 19 GB in fp32, and autograd would keep that plus its
@@ -167,7 +167,7 @@ def chunked_topk(hidden: torch.Tensor, lm_head_weight: torch.Tensor, k: int,
 
         topk_ids[...,k], topk_logprobs[...,k] = TopK_k( log_softmax(hidden @ W^T) )     sorted descending
 
-    This is S_θ of docs/algorithms.md §2.2 when called with the weights that generated the rollout (π_old).
+    This is S_θ of docs/algorithms.md §2.3 when called with the weights that generated the rollout (π_old).
     Returns (long [...,k], fp32 [...,k]).
     """
     ids, logprobs, _ = _topk_pass(hidden, lm_head_weight, k, None, chunk_size)
