@@ -405,7 +405,7 @@ def main():
             answer_kind = json.loads(answer).get("kind") if answer else None
         except (ValueError, RecursionError, AttributeError):
             answer_kind = "garbled"
-        bad = (rec["status"] != "ok" or rec["signal"] is not None or rec["setup"] is not None
+        bad = (rec["status"] != "ok" or rec["signal"] is not None or rec["setup"] is not None or rec["cpu_s"] > tl
                or answer_kind not in (None, "returned")
                or (cfg["mode"] == "stdin" and rec["exit_code"] != 0))
         if bad and (cfg["fail_fast"] or (rec["setup"] or {}).get("kind") == "compile_error"):
