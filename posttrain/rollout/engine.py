@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Union
 
 import ray
+
+# A prompt is token ids, or a posttrain.vl.inputs.MultimodalPrompt (token ids with ONE <|image_pad|>/<|video_pad|>
+# per item, plus the images and videos) for vision-language models.
+Prompt = Union[list[int], Any]
 
 
 def _engine_env(kv_cache_gib: float) -> None:
@@ -28,6 +32,7 @@ class RolloutEngine:
                  gpu_memory_utilization: float = 0.5, max_model_len: int = 1024, max_logprobs: int = 20,
                  engine_kwargs: dict[str, Any] | None = None):
         _engine_env(kv_cache_gib)
+        import posttrain.vl  # noqa: F401 — declares torchvision's operators before vLLM's processors import it
         from vllm import LLM
         import torch
 
@@ -43,18 +48,17 @@ class RolloutEngine:
         self.weight_version = 0
 
     # -- generation ---------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_tokens: int,
+    def generate(self, prompts: list[Prompt], *, n: int, temperature: float, top_p: float, max_tokens: int,
                  seeds: list[int]) -> list[list[dict]]:
         """For each prompt, n samples: {token_ids, logprobs (μ of each sampled token), finish_reason, text}.
 
-        Each prompt gets its own sampling seed, so the same weights + seeds give the same samples (resume)."""
+        Each prompt gets its own sampling seed, so the same weights + seeds give the same samples (resume).
+        Multimodal prompts (posttrain.vl.inputs.MultimodalPrompt) carry their images and videos."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
                                  seed=int(s)) for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
+        outputs = self.llm.generate([_tokens_prompt(p) for p in prompts], params, use_tqdm=False)
         results = []
         for out in outputs:
             samples = []
@@ -65,14 +69,17 @@ class RolloutEngine:
             results.append(samples)
         return results
 
-    def prompt_token_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log p(x_t | x_<t) for t ≥ 1 under the engine's current weights (the weight-sync canary)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+    def prompt_token_logprobs(self, token_ids: Prompt) -> list[float]:
+        """log p(x_t | x_<t) for t ≥ 1 under the engine's current weights (the weight-sync canary).
 
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))],
+        For a multimodal prompt the positions are those of the EXPANDED prompt (each media item's tokens in place
+        of its pad, as posttrain.vl.inputs.expand_media_tokens builds them)."""
+        from vllm import SamplingParams
+
+        out = self.llm.generate([_tokens_prompt(token_ids)],
                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]
-        return [out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))]
+        ids = list(out.prompt_token_ids)   # expanded by the engine for a multimodal prompt
+        return [out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
 
     # -- weights ------------------------------------------------------------------------------------------------
     def update_weights(self, named_tensors: list[tuple[str, Any]], version: int) -> float:
@@ -82,13 +89,26 @@ class RolloutEngine:
         `reload_weights` reruns the loader's post-processing and works on both backends."""
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        # KV blocks cached under the old weights must not be reused for new requests.
+        # KV blocks cached under the old weights must not be reused for new requests; nor may vision-encoder
+        # outputs (a multimodal request after a reload otherwise fails with "Encoder cache miss").
         self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
         self.weight_version = version
         return time.perf_counter() - start
 
     def ping(self) -> int:
         return self.weight_version
+
+
+def _tokens_prompt(prompt: Prompt):
+    from vllm.inputs import TokensPrompt
+
+    if isinstance(prompt, (list, tuple)):
+        return TokensPrompt(prompt_token_ids=list(prompt))
+    from posttrain.vl.inputs import engine_multi_modal_data
+    data = engine_multi_modal_data(prompt)
+    return (TokensPrompt(prompt_token_ids=list(prompt.token_ids), multi_modal_data=data) if data
+            else TokensPrompt(prompt_token_ids=list(prompt.token_ids)))
 
 
 @ray.remote
