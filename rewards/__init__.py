@@ -18,6 +18,7 @@ register_builtin("boxed_format", "rewards.fmt:boxed_format_reward")
 register_builtin("compose", "rewards.compose:compute_score")
 register_builtin("code", "rewards.code:compute_score")
 register_builtin("judge", "rewards.judge:compute_score")
+register_builtin("verl", "rewards.verl_reward:compute_score")  # verl's data_source dispatcher
 
 _LAZY_FUNCTIONS = {
     "math_reward": "rewards.matheq:compute_score",
