@@ -14,7 +14,9 @@ from envs.tools import ToolError, tool
 
 
 class CodeEnv(ToolEnv):
-    def __init__(self, row: dict, *, max_submissions: int = 3, language: str = "python", **kwargs):
+    def __init__(self, row: dict, *, max_submissions: int = 3, language: str = "python", allow_unsafe: bool = False,
+                 **kwargs):
+        """allow_unsafe: judge without bubblewrap where it cannot run (as the `code` reward's kwarg)."""
         super().__init__(row, **kwargs)
         from rewards.code import BadInput, limits_from_extra_info, parse_tests
         try:
@@ -23,6 +25,7 @@ class CodeEnv(ToolEnv):
         except BadInput as err:
             raise ValueError(f"code env: row's tests are malformed: {err}") from err
         self.language, self.max_submissions, self.submissions, self.last_score = language, max_submissions, 0, 0.0
+        self.allow_unsafe = allow_unsafe
 
     @tool
     def submit(self, code: str) -> str:
@@ -32,10 +35,12 @@ class CodeEnv(ToolEnv):
             code: the complete program
         """
         from rewards.code import judge
+        from rewards.sandbox import default_sandbox
         if self.submissions >= self.max_submissions:
             raise ToolError("after_end", f"no submissions left (at most {self.max_submissions})")
         self.submissions += 1
-        result = judge(code, self.problem, self.limits, language=self.language)
+        result = judge(code, self.problem, self.limits, language=self.language,
+                       sandbox=default_sandbox(self.allow_unsafe))
         self.last_score = result.score
         if result.score == 1.0:
             self.finish(1.0)

@@ -56,9 +56,11 @@ run(spec["code"])
 class PythonSession:
     """One trajectory's interpreter: `run(code)` returns the cell's output or raises ToolError."""
 
-    def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 1000, sandbox=None):
+    def __init__(self, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 1000,
+                 allow_unsafe: bool = False):
         from rewards.sandbox import SandboxLimits
-        self.sandbox = sandbox   # the process-wide default_sandbox() on first use: building needs no bwrap
+        self.sandbox = None   # the process-wide default_sandbox() on first use: building demos needs no bwrap
+        self.allow_unsafe = allow_unsafe
         self.limits = SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s, memory_mb=memory_mb,
                                     stdout_bytes=4 * max_output_chars + 4096, stderr_bytes=64 << 10)
         self.max_output_chars = max_output_chars
@@ -67,7 +69,7 @@ class PythonSession:
     def run(self, code: str) -> str:
         if self.sandbox is None:
             from rewards.sandbox import default_sandbox
-            self.sandbox = default_sandbox()
+            self.sandbox = default_sandbox(self.allow_unsafe)
         spec = {"history": self.history, "code": code, "mark": _MARK}
         result = self.sandbox.run([sys.executable, "-I", "-c", _RUNNER], stdin=json.dumps(spec).encode(),
                                   limits=self.limits)
@@ -92,12 +94,14 @@ class PythonSession:
 
 class PythonEnv(ToolEnv):
     """Arithmetic (or anything) with a Python interpreter. Final answer `Answer: N`, scored by `answer_reward`
-    (default: the toy's exact integer match)."""
+    (default: the toy's exact integer match). `allow_unsafe`: where bubblewrap cannot run, execute the model's
+    code as a plain rlimited subprocess (rewards.sandbox's unsafe mode; never on a shared machine)."""
 
     def __init__(self, row: dict, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 1000,
-                 answer_reward: str = "posttrain.toy.rewards:exact_answer", **kwargs):
+                 answer_reward: str = "posttrain.toy.rewards:exact_answer", allow_unsafe: bool = False, **kwargs):
         super().__init__(row, answer_reward=answer_reward, **kwargs)
-        self.session = PythonSession(timeout_s=timeout_s, memory_mb=memory_mb, max_output_chars=max_output_chars)
+        self.session = PythonSession(timeout_s=timeout_s, memory_mb=memory_mb, max_output_chars=max_output_chars,
+                                     allow_unsafe=allow_unsafe)
         # The host-side wait must outlast the sandbox's own wall clock, which reports the timeout properly.
         self.tools["python"] = dataclasses.replace(self.tools["python"], timeout_s=timeout_s + 10.0)
 
