@@ -121,7 +121,9 @@ class TrainerConfig(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with GPUs, else gloo.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (gradient accumulation).")
-    logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per LM-head chunk (never full [T, V] logits).")
+    logprob_chunk_size: int = Field(4096, ge=1, description="Tokens (summed over the micro-batch's sequences) per "
+                                    "LM-head chunk: peak logits memory is chunk × vocab × 4 bytes (2.5 GB at a "
+                                    "152K vocabulary; lower it on small GPUs), never the full [N, T, V].")
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads in each trainer actor.")
     max_nonfinite_steps: int = Field(3, ge=1, description="A step whose loss or gradient norm is not finite is "
                                      "skipped (weights unchanged) and counted; this many in a row stop the run.")

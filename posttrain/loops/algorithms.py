@@ -88,10 +88,15 @@ class MOPD:
         self.epochs = 1
 
     def objective(self):
+        return MOPDObjective(self.loss_settings())
+
+    def loss_settings(self):
+        from posttrain.algorithms.mopd import MOPDLossSettings
         m = self.settings
-        return MOPDObjective(clip_eps=m.clip_eps, empty_overlap_fallback=m.empty_overlap_fallback,
-                             repetition_penalty=m.repetition_penalty, rl_alpha=m.rl_mix.alpha,
-                             rl_clip_low=m.rl_mix.clip_low, rl_clip_high=m.rl_mix.clip_high, loss_form=m.loss_form)
+        return MOPDLossSettings(loss_form=m.loss_form, clip_eps=m.clip_eps,
+                                empty_overlap_fallback=m.empty_overlap_fallback,
+                                repetition_penalty=m.repetition_penalty, rl_alpha=m.rl_mix.alpha,
+                                rl_clip_low=m.rl_mix.clip_low, rl_clip_high=m.rl_mix.clip_high)
 
     def prepare(self, recipe, data) -> None:
         from teachers.checks import check_teachers
@@ -140,7 +145,7 @@ class MOPD:
 
             # 3. mini-batch updates (whole prompt groups per mini-batch, in order) ------------------------------
             every = list(range(len(batch.prompts)))
-            diagnostics = step_metrics(arrays_for(every), m, teacher_index, self.router.names)
+            diagnostics = step_metrics(arrays_for(every), self.loss_settings(), teacher_index, self.router.names)
             updates = []
             for idx in whole_group_minibatches(len(batch.prompts), m.mini_batches):
                 arrays = arrays_for(idx)
@@ -218,16 +223,10 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
     return out
 
 
-def step_metrics(batch: dict[str, np.ndarray], m, teacher_index: list[int], names: list[str]) -> dict[str, float]:
-    """The batch's MOPD diagnostics at θ_old, overall and per teacher: mopd_loss evaluated with θ = θ_old."""
-    from posttrain.algorithms.mopd import mopd_loss
+def step_metrics(arrays: dict[str, np.ndarray], settings, teacher_index: list[int], names: list[str]
+                 ) -> dict[str, float]:
+    """The batch's MOPD diagnostics at θ_old (overlap, reverse KL, gate, loops...), overall and per teacher."""
+    from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics
 
-    t = {k: torch.from_numpy(v) for k, v in batch.items()}
-    _, metrics = mopd_loss(
-        t["cand_old_logprobs"], t["cand_old_logprobs"], t["cand_adv"], t["cand_mask"], t["token_weights"], t["mask"],
-        gate=t.get("gate"), sampled_logprobs=t["sampled_old_logprobs"], sampled_old_logprobs=t["sampled_old_logprobs"],
-        sampled_teacher_logprobs=t["sampled_teacher_logprobs"], empty_overlap_fallback=m.empty_overlap_fallback,
-        loop_start=t["loop_start"], repetition_penalty=m.repetition_penalty, cand_teacher_logprobs=t["cand_teacher_logprobs"],
-        teacher_index=torch.tensor(teacher_index), teacher_names=names)
-    # loss values at θ_old are not the optimised loss (that is loss/*, from the trainer); keep the diagnostics.
-    return {k: v for k, v in metrics.items() if not k.startswith("mopd/loss")}
+    batch = MOPDBatch.from_arrays({**arrays, "teacher_index": np.asarray(teacher_index)})
+    return mopd_metrics(batch, settings, teacher_names=names)

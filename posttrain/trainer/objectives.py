@@ -8,12 +8,15 @@ this micro-batch (numpy, first axis = sample). The math itself lives in posttrai
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from posttrain.algorithms.topk import chunked_logprobs_at, chunked_token_logprobs
+
+if TYPE_CHECKING:
+    from posttrain.algorithms.mopd import MOPDLossSettings
 
 
 def _scatter_response_values(values: np.ndarray, prompts: list[list[int]], responses: list[list[int]],
@@ -49,47 +52,22 @@ class PolicyGradientObjective:
 @dataclasses.dataclass(frozen=True)
 class MOPDObjective:
     """MOPD's per-candidate distillation loss (or the zero-gradient `keye_literal` ablation), with the optional
-    GSPO RL mix. arrays (T = longest response of the mini-batch): cand_ids, cand_old_logprobs, cand_adv, cand_mask
-    [n,T,k]; token_weights, sampled_old_logprobs, sampled_teacher_logprobs [n,T], optional gate [n,T]; loop_start
-    [n]; optional outcome_advantages [n]."""
-    clip_eps: float | None
-    empty_overlap_fallback: bool
-    repetition_penalty: float
-    rl_alpha: float
-    rl_clip_low: float
-    rl_clip_high: float
-    loss_form: str
-
-    @property
-    def needs_sampled_logprobs(self) -> bool:
-        return (self.empty_overlap_fallback or self.repetition_penalty > 0 or self.rl_alpha > 0
-                or self.loss_form == "keye_literal")
+    GSPO RL mix: `mopd_objective` over the driver's arrays (posttrain.algorithms.mopd.MOPDBatch fields; T = longest
+    response of the mini-batch): cand_ids, cand_old_logprobs, cand_adv, cand_mask [n,T,k]; token_weights,
+    sampled_old_logprobs, sampled_teacher_logprobs, optional gate [n,T]; loop_start [n]; optional
+    outcome_advantages [n]."""
+    settings: "MOPDLossSettings"
 
     def loss(self, rank, prompts, responses, arrays):
-        from posttrain.algorithms.mopd import keye_literal_loss, mopd_loss
+        from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics, mopd_objective
 
-        def t(name, dtype=torch.float32):
-            return torch.as_tensor(arrays[name], dtype=dtype, device=rank.device) if name in arrays else None
-
-        T = arrays["cand_ids"].shape[1]
         chunk = rank.settings.logprob_chunk_size
-        hidden, resp_ids, mask = rank.response_hidden(prompts, responses, T)
-        cand_logprobs = chunked_logprobs_at(hidden, rank.lm_head_weight, t("cand_ids", torch.long), chunk)  # [n,T,k]
+        hidden, resp_ids, mask = rank.response_hidden(prompts, responses, arrays["cand_ids"].shape[1])
+        batch = MOPDBatch.from_arrays({**arrays, "mask": mask}, device=rank.device)
+        cand_logprobs = chunked_logprobs_at(hidden, rank.lm_head_weight, batch.cand_ids, chunk)     # [n,T,k]
         sampled = (chunked_token_logprobs(hidden, rank.lm_head_weight, resp_ids, chunk)
-                   if self.needs_sampled_logprobs else None)                                              # [n,T]
-        if self.loss_form == "keye_literal":
-            loss, metrics = keye_literal_loss(sampled, t("cand_adv"), t("token_weights"), mask, gate=t("gate"))
-        else:
-            loss, metrics = mopd_loss(
-                cand_logprobs, t("cand_old_logprobs"), t("cand_adv"), t("cand_mask", torch.bool),
-                t("token_weights"), mask, gate=t("gate"), clip_eps=self.clip_eps, sampled_logprobs=sampled,
-                sampled_old_logprobs=t("sampled_old_logprobs"),
-                sampled_teacher_logprobs=t("sampled_teacher_logprobs"),
-                empty_overlap_fallback=self.empty_overlap_fallback, loop_start=t("loop_start", torch.long),
-                repetition_penalty=self.repetition_penalty, rl_alpha=self.rl_alpha,
-                outcome_advantages=t("outcome_advantages") if self.rl_alpha > 0 else None,
-                rl_clip_low=self.rl_clip_low, rl_clip_high=self.rl_clip_high)
-        # The optimised loss and its clip fraction; the diagnostics come from the driver at θ_old.
-        renamed = {"mopd/loss": "loss/loss", "mopd/clip_frac": "loss/clip_frac",
-                   "mopd_literal/loss": "loss/mopd_literal_loss"}
-        return loss, {new: metrics[old] for old, new in renamed.items() if old in metrics}
+                   if self.settings.needs_sampled_logprobs else None)                                # [n,T]
+        loss, terms = mopd_objective(batch, self.settings, cand_logprobs=cand_logprobs, sampled_logprobs=sampled)
+        # The optimised loss and its clip fraction; the other diagnostics come from the driver at θ_old.
+        metrics = mopd_metrics(batch, self.settings, token_losses=terms, cand_logprobs=cand_logprobs)
+        return loss, {"loss/loss": float(loss.detach()), "loss/clip_frac": metrics.get("mopd/clip_frac", 0.0)}
