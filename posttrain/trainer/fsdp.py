@@ -28,7 +28,8 @@ from posttrain.trainer.packing import PACKED_FORWARD_METHOD, _packed_forward, us
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks, found by the class names the model itself declares unsplittable (`_no_split_modules`)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    # fully_shard swaps each class for a generated FSDP<Name> subclass: match anywhere in the class's MRO.
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(f"{type(model).__name__} declares no decoder-layer classes (_no_split_modules={names}); "
                          "FSDP needs one unit per repeated block")
