@@ -191,3 +191,26 @@ def test_agent_rows_are_verl_rows_with_their_env():
     assert all(r["prompt"][0]["content"] for r in make_rows(AGENT, 8, 0, "eval"))
     with pytest.raises(ValueError, match="agent domains"):
         make_rows(["pyhton"], 1, 0, "train")
+
+
+@pytest.mark.integration
+def test_warmup_trains_on_agent_demonstrations_and_masks_observations(tok):
+    # One warm-up step on multi-turn demonstrations; the labels it builds are the assistant turns only.
+    import torch
+
+    from posttrain.toy.build import build_model, supervised_warmup
+    rows = make_rows(AGENT, 4, 0, "sft")
+    model = build_model(tok, hidden_size=64, seed=0)
+    losses = supervised_warmup(model, tok, rows, steps=1, batch_size=4)
+    assert len(losses) == 1 and torch.isfinite(torch.tensor(losses[0]))
+    captured = {}
+    original = model.forward
+
+    def spy(**kwargs):
+        captured.update(kwargs)
+        return original(**kwargs)
+    model.forward = spy
+    supervised_warmup(model, tok, rows[2:3], steps=1, batch_size=1)        # the tau row: three assistant turns
+    prompt, completion, mask = encode_demonstration(tok, rows[2])
+    labels = captured["labels"][0, :len(prompt) + len(completion)].tolist()
+    assert labels == [-100] * len(prompt) + [t if m else -100 for t, m in zip(completion, mask)]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -157,8 +156,12 @@ def run_multiturn(envs: Sequence, generate: GenerateFn, renderer: ChatRenderer, 
     if len(seeds) != len(envs):
         raise ValueError(f"run_multiturn: {len(envs)} environments but {len(seeds)} seeds; give one seed each")
     trajectories = []
-    for env in envs:
-        obs = env.initial_observation()
+    for k, env in enumerate(envs):
+        try:
+            obs = env.initial_observation()
+        except Exception as err:
+            raise RuntimeError(f"environment {k} ({type(env).__name__}) failed in initial_observation: "
+                               f"{type(err).__name__}: {err}") from err
         prompt = renderer.prompt_ids(obs.messages, obs.tools)
         trajectories.append(Trajectory(prompt_ids=prompt, messages=list(obs.messages), tools=list(obs.tools)))
         if len(prompt) >= limits.max_context_tokens:
@@ -206,16 +209,15 @@ def _turn_budget(traj: Trajectory, limits: MultiTurnLimits) -> tuple[int, str]:
 
 
 def _step(env, text: str):
-    start = time.monotonic()
     try:
-        return env.step(text), time.monotonic() - start, None
+        return env.step(text), None
     except Exception as err:  # noqa: BLE001 - a broken environment ends its trajectory, not the batch
-        return None, time.monotonic() - start, f"{type(err).__name__}: {err}"
+        return None, f"{type(err).__name__}: {err}"
 
 
 def _absorb(traj: Trajectory, stepped, *, ids_of_turn: Sequence[int], renderer: ChatRenderer,
             limits: MultiTurnLimits) -> None:
-    result, _seconds, crash = stepped
+    result, crash = stepped
     if crash is not None:
         traj.errors["env_exception"] = traj.errors.get("env_exception", 0) + 1
         traj.end_reason = "env_error"
