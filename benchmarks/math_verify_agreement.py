@@ -109,6 +109,10 @@ def main() -> None:
     print(f"agreement with Math-Verify's test expectations: {agree}/{len(cases)} = {agree / len(cases):.1%}")
     print(f"  we accept, Math-Verify expects 0: {sum(d['ours'] == 1.0 for d in disagreements)}; "
           f"we reject, Math-Verify expects 1: {sum(d['ours'] != 1.0 for d in disagreements)}")
+    timeouts = sum(r.get("details", {}).get("failure") == "timeout" for r in results)
+    starved = sum(bool(r.get("details", {}).get("cpu_starved")) for r in results)
+    print(f"  time-outs: {timeouts}; verifier calls that waited past their limit on a busy machine (cpu_starved): "
+          f"{starved}")
     for d in disagreements:
         print(f"- {d['source']}  gold={d['gold']!r}  pred={d['prediction']!r}  expected={d['expected']} "
               f"ours={d['ours']}  {d['details'].get('failure', '')}  options={d['options']}")
