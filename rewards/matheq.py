@@ -196,7 +196,8 @@ def canonical_latex(text: str) -> str:
         if spacing:
             return " "
         if synonym:
-            return _SYNONYMS[synonym] + " "  # the space keeps `\leq x` from becoming `\lex`
+            following = match.string[match.end():match.end() + 1]
+            return _SYNONYMS[synonym] + (" " if following.isalpha() else "")  # `\leq x` must not become `\lex`
         if roman_letter:
             return roman_letter
         return ""  # negative space, \left / \right
