@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 
@@ -68,8 +69,9 @@ def _name_undecodable_row(ds, path: str) -> DatasetError:
     return DatasetError(f"{path}: text is not valid UTF-8; re-save the file as UTF-8")
 
 
-def validate_row(row: dict, where: str) -> dict:
-    """Check one row; return it normalised (extra_info always a dict). Raises DatasetError naming the field."""
+def validate_row(row: dict, where: str, base_dir: str | None = None) -> dict:
+    """Check one row; return it normalised (extra_info always a dict; media paths absolute, resolved against
+    `base_dir`, the data file's folder). Raises DatasetError naming the field."""
     def fail(field: str, problem: str, fix: str) -> DatasetError:
         return DatasetError(f"{where}: `{field}` {problem}; {fix}")
 
@@ -78,8 +80,9 @@ def validate_row(row: dict, where: str) -> dict:
         raise fail("prompt", f"must be a non-empty list of chat messages, got {type(prompt).__name__}",
                    'write it as [{"role": "user", "content": "..."}]')
     for j, msg in enumerate(prompt):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise fail(f"prompt[{j}]", "must be an object with string `role` and `content`",
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not _is_content(msg.get("content")):
+            raise fail(f"prompt[{j}]", "must be an object with string `role` and `content` (a string, or a list "
+                       'of parts {"type": "text", "text": ...} / {"type": "image"} / {"type": "video"})',
                        'e.g. {"role": "user", "content": "What is 2+2?"}')
     if not isinstance(row.get("data_source"), str) or not row["data_source"]:
         raise fail("data_source", f"must be a non-empty string, got {row.get('data_source')!r}",
@@ -92,14 +95,23 @@ def validate_row(row: dict, where: str) -> dict:
         raise fail("extra_info", f"must be an object, got {type(extra).__name__}", "use {} or omit it")
     out = dict(row)
     out["extra_info"] = dict(extra or {})
-    return out
+    from posttrain.vl.media import check_row_media, has_media   # images / videos (verl-style multimodal rows)
+    return check_row_media(out, where, base_dir) if has_media(out) else out
+
+
+def _is_content(content) -> bool:
+    return isinstance(content, str) or (
+        isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image", "video")
+                                          and (p["type"] != "text" or isinstance(p.get("text"), str))
+                                          for p in content))
 
 
 def load_prompt_rows(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
+        base_dir = os.path.dirname(os.path.abspath(path))   # media paths are relative to the data file
         for i, row in enumerate(_load_rows(path)):
-            rows.append(validate_row(row, f"{path} row {i + 1}"))
+            rows.append(validate_row(row, f"{path} row {i + 1}", base_dir))
     if paths and not rows:
         raise DatasetError(f"datasets {paths} hold no rows; add prompts or fix the paths")
     return rows

@@ -85,7 +85,9 @@ def _ground(rng: random.Random) -> VisualExample:
     box = [_to_1000(target[0], IMAGE_SIZE), _to_1000(target[1], IMAGE_SIZE),
            _to_1000(target[2], IMAGE_SIZE), _to_1000(target[3], IMAGE_SIZE)]
     xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-    return VisualExample(f"<image>Where is the {colour} box?", f"Answer: {box}", box, images=[image],
+    # The answer is in Qwen3-VL's relative frame; the reference stays in the image's pixels (the iou reward
+    # rescales the answer with extra_info.image_size, coords=relative1000).
+    return VisualExample(f"<image>Where is the {colour} box?", f"Answer: {box}", list(target), images=[image],
                          habit_text=f"Answer: {xywh}",
                          extra_info={"image_size": [IMAGE_SIZE, IMAGE_SIZE]})
 
@@ -172,7 +174,7 @@ def make_vl_examples(domains: list[str], n: int, seed: int, split: str) -> list[
 
 def write_vl_dataset(out_dir: str, domain: str, n: int, seed: int, split: str) -> str:
     """`out_dir/SPLIT.jsonl` plus its media under `out_dir/media/SPLIT/`: verl-style rows whose `images` are PNG
-    paths and whose `videos` are {"frames": [PNG paths], "fps": 2.0}, relative to the data file's folder."""
+    paths and whose `videos` are MP4 paths (2 fps), relative to the data file's folder."""
     media_dir = os.path.join(out_dir, "media", split)
     os.makedirs(media_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{split}.jsonl")
@@ -184,12 +186,9 @@ def write_vl_dataset(out_dir: str, domain: str, n: int, seed: int, split: str) -
                 image.save(os.path.join(out_dir, rel), optimize=True)
                 images.append(rel)
             for k, frames in enumerate(ex.videos):
-                rels = []
-                for j, frame in enumerate(frames):
-                    rel = os.path.join("media", split, f"{i:05d}_v{k}_{j}.png")
-                    frame.save(os.path.join(out_dir, rel), optimize=True)
-                    rels.append(rel)
-                videos.append({"frames": rels, "fps": VIDEO_FPS})
+                rel = os.path.join("media", split, f"{i:05d}_{k}.mp4")
+                write_video(frames, VIDEO_FPS, os.path.join(out_dir, rel))
+                videos.append(rel)
             row = {"prompt": [{"role": "user", "content": ex.question}], "data_source": f"toy-vl/{name}",
                    "reward_model": {"style": "rule", "ground_truth": ex.ground_truth},
                    "extra_info": {"split": split, "index": i, "answer": ex.answer_text, **ex.extra_info}}
@@ -199,6 +198,20 @@ def write_vl_dataset(out_dir: str, domain: str, n: int, seed: int, split: str) -
                 row["videos"] = videos
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def write_video(frames: list, fps: float, path: str) -> None:
+    """PIL frames → an MP4 file (MPEG-4 part 2, OpenCV's bundled encoder: no system codec needed)."""
+    import cv2
+    import numpy as np
+
+    width, height = frames[0].size
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(np.asarray(frame.convert("RGB")), cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
 
 
 # ---------------------------------------------------------------------------------------------- the toy VLM
@@ -226,7 +239,7 @@ def vl_processor(tokenizer):
     video_processor = Qwen3VLVideoProcessor(
         patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=mean, image_std=std,
         size={"shortest_edge": 2 * CELL * CELL, "longest_edge": 16 * VIDEO_SIZE * VIDEO_SIZE},
-        do_sample_frames=False, fps=VIDEO_FPS)
+        do_sample_frames=False, fps=VIDEO_FPS, cap_pixels_per_frame=False)
     return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                             chat_template=tokenizer.chat_template)
 
@@ -268,3 +281,115 @@ def save_vl_model(model, tokenizer, processor, out_dir: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _example_prompt(tokenizer, ex: VisualExample):
+    import numpy as np
+
+    from posttrain.vl.inputs import MultimodalPrompt, Video, encode_vl_prompt
+    return MultimodalPrompt(encode_vl_prompt(tokenizer, [{"role": "user", "content": ex.question}]),
+                            images=list(ex.images),
+                            videos=[Video(np.stack([np.asarray(f) for f in frames]), VIDEO_FPS) for frames in ex.videos])
+
+
+def vl_supervised_warmup(model, processor, examples: list[VisualExample], *, steps: int, batch_size: int = 32,
+                         lr: float = 3e-3, seed: int = 0, device: str = "cpu", log_every: int = 25) -> list[float]:
+    """Cross-entropy on the demonstrated answers, through the same expansion and log-prob path as RL
+    (posttrain.vl.logprobs). Returns the loss curve; the model comes back on the CPU in eval mode."""
+    import torch
+    from tqdm import tqdm
+
+    from posttrain.vl.logprobs import pack_vl_sequences, prepare_vl_sequence, vl_sequence_token_logprobs
+
+    tokenizer = processor.tokenizer
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    encoded: dict[int, object] = {}
+
+    def encode(i: int):
+        if i not in encoded:
+            ex = examples[i]
+            response = tokenizer(ex.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            encoded[i] = prepare_vl_sequence(processor, model.config, _example_prompt(tokenizer, ex), response)
+        return encoded[i]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.to(device).train()
+    losses = []
+    bar = tqdm(range(steps), desc="supervised warm-up (VL)", unit="step")
+    for step in bar:
+        batch = pack_vl_sequences([encode(i) for i in rng.sample(range(len(examples)), min(batch_size, len(examples)))],
+                                  tokenizer.pad_token_id)
+        mask = batch["response_mask"].to(device)
+        logp = vl_sequence_token_logprobs(model, batch)
+        loss = -(logp * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.to("cpu").eval()
+    return losses
+
+
+def build_toy_vl(out_dir: str, *, domains: list[str] = tuple(VL_DOMAINS), sft_steps: int = 600,
+                 sft_rows: int = 4000, habit_rate: float = 0.5, seed: int = 0, lr: float = 3e-3,
+                 batch_size: int = 32, device: str = "cpu") -> dict:
+    """Tokenizer + processor + Qwen3-VL model + supervised warm-up on the visual domains, saved as one Hugging
+    Face folder (transformers and vLLM load it). In a fraction `habit_rate` of the demonstrations where the
+    domain's bad habit applies, the demonstrated answer is the habit's (xywh for corners, a circle missed, the
+    last letter dropped, the duration for the end): partial competence that a verifiable reward can improve."""
+    tokenizer = vl_tokenizer(seed)
+    processor = vl_processor(tokenizer)
+    model = build_vl_model(tokenizer, seed=seed)
+    habit_rng = random.Random(f"{seed}-vl-habits")
+    examples = []
+    for _, ex in make_vl_examples(list(domains), sft_rows, seed, "sft"):
+        if habit_rate > 0 and ex.habit_text is not None and habit_rng.random() < habit_rate:
+            ex = dataclasses.replace(ex, answer_text=ex.habit_text)
+        examples.append(ex)
+    losses = vl_supervised_warmup(model, processor, examples, steps=sft_steps, lr=lr, seed=seed, device=device,
+                                  batch_size=batch_size) if sft_steps else []
+    save_vl_model(model, tokenizer, processor, out_dir)
+    return {"final_sft_loss": losses[-1] if losses else None, "params": sum(p.numel() for p in model.parameters()),
+            "loss_curve_every_50": losses[::50]}
+
+
+def evaluate_vl(model, processor, domains: list[str], *, n: int = 64, seed: int = 0, temperature: float = 1.0,
+                max_new_tokens: int = 24, device: str = "cpu") -> dict[str, float]:
+    """Mean reward per domain on `n` held-out ("eval" split) examples each, one sample per example, generated
+    with transformers (no vLLM needed) from the same inputs the trainer builds."""
+    import torch
+
+    from posttrain.vl.logprobs import PIXEL_KEYS, pack_vl_sequences, prepare_vl_sequence
+    from rewards.base import bind_reward
+
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    model.to(device).eval()
+    scores: dict[str, float] = {}
+    for name in domains:
+        domain = VL_DOMAINS[name]
+        reward = bind_reward(domain.reward, domain.reward_kwargs)
+        total = 0.0
+        for _, ex in make_vl_examples([name], n, seed, "eval"):
+            seq = prepare_vl_sequence(processor, model.config, _example_prompt(tokenizer, ex), [])
+            batch = {k: v.to(device) for k, v in pack_vl_sequences([seq], tokenizer.pad_token_id).items()
+                     if k != "response_mask"}
+            with torch.no_grad():
+                out = model.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
+                                     **{k: batch[k] for k in PIXEL_KEYS if k in batch},
+                                     max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                     temperature=temperature if temperature > 0 else None, top_p=1.0, top_k=0)
+            text = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            result = reward(data_source=f"toy-vl/{name}", solution_str=text, ground_truth=ex.ground_truth,
+                            extra_info=ex.extra_info)
+            total += float(result["score"] if isinstance(result, dict) else result)
+        scores[name] = total / n
+    model.to("cpu")
+    return scores
