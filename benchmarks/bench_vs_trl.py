@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_vs_trl.py [--shape quickstart|rollout-heavy|all] [--steps N]
         [--posttrain-override KEY=VALUE ...] [--sides posttrain,trl] [--tag NAME]
 
-For each shape (a recipe in recipes/bench/) it runs, one after the other and never at once:
+For each shape (recipes/bench/quickstart-shape.yaml, plus overrides for the rollout-heavy one) it runs, one after
+the other and never at once:
   1. `posttrain run RECIPE total_steps=N [overrides]` in a fresh run directory (a subprocess of .venv), then
   2. TRL 1.16's GRPOTrainer in its OWN virtual environment (benchmarks/.trl-venv, created on first use with
      `python3.11 -m venv benchmarks/.trl-venv && benchmarks/.trl-venv/bin/pip install "torch==2.13.0" "trl==1.16.*"
@@ -34,18 +35,32 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRL_VENV = os.path.join(REPO, "benchmarks", ".trl-venv")
 TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.*", "transformers==5.19.0", "datasets"]
-SHAPES = {"quickstart": ("recipes/bench/quickstart-shape.yaml", 6),
-          "rollout-heavy": ("recipes/bench/rollout-heavy.yaml", 4)}
-# The rollout-heavy shape's model is not committed: the project's toy builder makes it (untrained, ~1 min).
+# shape → (recipe, rollout batches, recipe overrides). The rollout-heavy shape is the quickstart shape with a larger,
+# untrained toy model and 128-token answers: the model is not committed (the toy builder makes it in ~1 min).
+# Untrained, it samples nearly uniformly over its 512 tokens and stops only on drawing <|im_end|> (p ≈ 1/512 per
+# token), so answers run ~113 tokens on average, most of them the full 128, on both sides alike; its rewards are all
+# 0 (advantages 0), which changes no work: the update's forward, backward and optimizer steps still run.
+SHAPES = {"quickstart": ("recipes/bench/quickstart-shape.yaml", 6, []),
+          "rollout-heavy": ("recipes/bench/quickstart-shape.yaml", 4,
+                            ["model.path=runs/bench/toy-4x256", "rollout.max_tokens=128"])}
 BUILD_COMMANDS = {"runs/bench/toy-4x256": ["-m", "posttrain.cli", "toy", "build", "--out", "runs/bench/toy-4x256",
                                            "--domains", "add", "--sft-steps", "0", "--layers", "4",
                                            "--hidden-size", "256"]}
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, overrides: list[str] = ()) -> dict:
+    """The recipe as a plain dict with `key.path=value` overrides applied (values parsed as YAML, as posttrain does)."""
     import yaml
     with open(path) as f:
-        return yaml.safe_load(f)
+        recipe = yaml.safe_load(f)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = recipe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return recipe
 
 
 def resolve(path: str, recipe_path: str) -> str:
@@ -61,7 +76,7 @@ def mean(xs: list[float]) -> float | None:
 
 # ------------------------------------------------------------------------------------------------------------------
 # TRL side (runs inside benchmarks/.trl-venv)
-def trl_worker(recipe_path: str, steps: int, result_path: str) -> None:
+def trl_worker(recipe_path: str, overrides: list[str], steps: int, result_path: str) -> None:
     t_process = time.time()
     import torch
     from datasets import Dataset
@@ -72,7 +87,7 @@ def trl_worker(recipe_path: str, steps: int, result_path: str) -> None:
     from posttrain.toy.rewards import exact_answer   # pure Python (re only): the very reward posttrain scores with
     t_imported = time.time()
 
-    recipe = load_yaml(recipe_path)
+    recipe = load_yaml(recipe_path, overrides)
     rollout, opt, algo = recipe["rollout"], recipe["trainer"]["optimizer"], recipe["algorithm"]
     fn_names = [f["name"] for f in recipe["rewards"]["functions"]]
     if fn_names != ["posttrain.toy.rewards:exact_answer"] or algo["type"] != "gspo":
@@ -184,8 +199,8 @@ def ensure_trl_venv() -> str:
     return python
 
 
-def ensure_model(recipe_path: str) -> None:
-    model_path = load_yaml(recipe_path)["model"]["path"]
+def ensure_model(recipe_path: str, overrides: list[str]) -> None:
+    model_path = load_yaml(recipe_path, overrides)["model"]["path"]
     if not os.path.exists(os.path.join(resolve(model_path, recipe_path), "config.json")):
         if model_path not in BUILD_COMMANDS:
             raise SystemExit(f"{recipe_path}: model.path {model_path!r} is missing and this script cannot build it")
@@ -219,11 +234,11 @@ def run_posttrain(recipe_path: str, steps: int, overrides: list[str]) -> dict:
             "per_step": per_step, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
 
 
-def run_trl(python: str, recipe_path: str, steps: int) -> dict:
+def run_trl(python: str, recipe_path: str, overrides: list[str], steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "trl.json")
         cmd = [python, os.path.abspath(__file__), "--trl-worker", recipe_path, "--steps", str(steps),
-               "--result", result_path]
+               "--result", result_path, *(f"--worker-override={o}" for o in overrides)]
         load_before, t0 = os.getloadavg(), time.time()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -282,9 +297,10 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the JSON file names (e.g. threads2)")
     ap.add_argument("--trl-worker", metavar="RECIPE", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-override", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
-        trl_worker(args.trl_worker, args.steps, args.result)
+        trl_worker(args.trl_worker, args.worker_override, args.steps, args.result)
         return 0
 
     os.chdir(REPO)
@@ -297,20 +313,20 @@ def main() -> int:
         ap.error(f"--posttrain-override needs KEY=VALUE, got {bad}")
     trl_python = ensure_trl_venv() if "trl" in sides else None
     for shape in (SHAPES if args.shape == "all" else [args.shape]):
-        recipe_path, default_steps = SHAPES[shape]
+        recipe_path, default_steps, shape_overrides = SHAPES[shape]
         steps = args.steps or default_steps
         if steps < 2:
             ap.error("--steps must be at least 2 (the steady state is the mean over steps after the first)")
-        ensure_model(recipe_path)
-        result = {"shape": shape, "recipe": recipe_path, "steps": steps, "machine_cpus": os.cpu_count(),
-                  "posttrain_overrides": args.posttrain_override,
+        ensure_model(recipe_path, shape_overrides)
+        result = {"shape": shape, "recipe": recipe_path, "shape_overrides": shape_overrides, "steps": steps,
+                  "machine_cpus": os.cpu_count(), "posttrain_overrides": args.posttrain_override,
                   "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
         if "posttrain" in sides:
             print(f"[{shape}] posttrain, {steps} steps ...", flush=True)
-            result["posttrain"] = run_posttrain(recipe_path, steps, args.posttrain_override)
+            result["posttrain"] = run_posttrain(recipe_path, steps, shape_overrides + args.posttrain_override)
         if "trl" in sides:
             print(f"[{shape}] TRL, {steps} steps ...", flush=True)
-            result["trl"] = run_trl(trl_python, recipe_path, steps)
+            result["trl"] = run_trl(trl_python, recipe_path, shape_overrides, steps)
         out = os.path.join("benchmarks", f"vs_trl_{shape}{'_' + args.tag if args.tag else ''}.json")
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
