@@ -274,7 +274,26 @@ def cmd_toy(args) -> int:
             write_jsonl(make_rows(domains, n, args.seed, split), path)
             print(f"wrote {n} rows to {path}")
         return 0
+    if args.toy_cmd in ("build-vl", "data-vl"):
+        return _cmd_toy_vl(args)
     return 2
+
+
+def _cmd_toy_vl(args) -> int:
+    """The toy vision-language model and its visual datasets (posttrain/vl/toy.py)."""
+    import posttrain.vl  # noqa: F401 — torchvision's operator schemas before any processor import
+    from posttrain.vl import toy
+    domains = args.domains.split(",")
+    if args.toy_cmd == "build-vl":
+        info = toy.build_toy_vl(args.out, domains=domains, sft_steps=args.sft_steps, sft_rows=args.sft_rows,
+                                habit_rate=args.habit_rate, seed=args.seed, lr=args.lr, device=args.device)
+        print(json.dumps(info))
+        return 0
+    for domain in domains:
+        for split, n in (("train", args.n_train), ("eval", args.n_eval)):
+            path = toy.write_vl_dataset(os.path.join(args.out_dir, f"vl-{domain}"), domain, n, args.seed, split)
+            print(f"wrote {n} rows (and their media) to {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-train", type=int, default=2000)
     d.add_argument("--n-eval", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
+    v = toy.add_parser("build-vl", help="tokenizer + processor + tiny Qwen3-VL + supervised warm-up on the visual "
+                       "domains (ground, count, ocr, video); see docs/vision.md")
+    v.add_argument("--out", required=True)
+    v.add_argument("--domains", default="ground,count,ocr,video")
+    v.add_argument("--sft-steps", type=int, default=600)
+    v.add_argument("--sft-rows", type=int, default=4000)
+    v.add_argument("--habit-rate", type=float, default=0.5)
+    v.add_argument("--lr", type=float, default=3e-3)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu")
+    vd = toy.add_parser("data-vl", help="write OUT_DIR/vl-DOMAIN/{train,eval}.jsonl and their images/videos")
+    vd.add_argument("--out-dir", required=True)
+    vd.add_argument("--domains", default="ground,count,ocr,video")
+    vd.add_argument("--n-train", type=int, default=256)
+    vd.add_argument("--n-eval", type=int, default=64)
+    vd.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_toy)
     return parser
 
