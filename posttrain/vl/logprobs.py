@@ -110,3 +110,13 @@ def set_vision_trainable(model, trainable: bool) -> int:
     for p in visual.parameters():
         p.requires_grad_(trainable)
     return sum(p.numel() for p in visual.parameters())
+
+
+@torch.no_grad()
+def vl_canary_logprobs(model, processor, prompt: MultimodalPrompt) -> list[float]:
+    """log p(x_t | x_<t) for t ≥ 1 of the EXPANDED prompt: the trainer's side of the weight-sync canary, to
+    compare with RolloutEngine.prompt_token_logprobs(prompt) position by position."""
+    model.eval()
+    seq = prepare_vl_sequence(processor, model.config, prompt, [])
+    batch = pack_vl_sequences([seq], processor.tokenizer.pad_token_id)
+    return vl_sequence_token_logprobs(model, batch)[0].float().cpu().tolist()
