@@ -2,13 +2,14 @@
 killed, with one set of failure rules for runs (Ray tasks) and `posttrain score` (local processes).
 
 Work goes out in units of up to `samples_per_task` samples of one reward function (a unit per sample costs
-~10 ms of overhead on a small machine). Each failure scores that (sample, reward) term 0 with a counted kind
+~10 ms of overhead on a small machine); a unit's worker sends each sample's result back as soon as it has it.
+Each failure scores that (sample, reward) term 0 with a counted kind
 (`reward/failures/<kind>`); the other terms of the sample and the other samples are unaffected:
 
 | the reward ...                                           | kind                         |
 |----------------------------------------------------------|------------------------------|
 | raises                                                   | `exception:<Type>`           |
-| runs past `timeout_s` (its worker process is killed,     | `timeout`                    |
+| runs `timeout_s` on one sample (its worker is killed,    | `timeout`                    |
 | which stops C code too, e.g. a stuck sympy call)         |                              |
 | kills its worker process (segfault, `os._exit`)          | `crash:worker_died`          |
 | returns neither a number (a bool is 0/1) nor a dict      | `bad_result:<type>`,         |
@@ -18,13 +19,13 @@ Work goes out in units of up to `samples_per_task` samples of one reward functio
 | reports its own reason (a dict's "failure" detail, e.g.  | that reason (its score kept) |
 | math's `no_answer`)                                      |                              |
 
-A unit that times out or crashes is retried one sample per unit, first in line, so only the culprit is
-charged. The details of a dict result travel back as plain data (numbers, strings, lists, dicts): a detail
+The worker runs a unit's samples in order, so when it dies or is killed the culprit is known: the sample
+it was running. Only that sample is charged; the unit's remaining samples go out again, first in line. The details of a dict result travel back as plain data (numbers, strings, lists, dicts): a detail
 that is anything else (an open file, a lock, an instance of a class in the user's reward file) becomes its
 text (repr), and the score stands: the score is the reward's answer, a detail only a log line.
 
 The two backends differ only in how a unit reaches a process and how that process is killed:
-`RayTasks` (a task per unit, `ray.cancel(force=True)`) and `LocalProcesses` (a fixed set of worker processes
+`RayTasks` (a streaming-generator task per unit, `ray.cancel(force=True)`) and `LocalProcesses` (a fixed set of worker processes
 on this machine, SIGKILL); planning, deadlines, retries, result normalisation and failure names are this
 module's, shared.
 """
@@ -120,16 +121,20 @@ def release_reward_servers() -> None:
 _BOUND: dict[str, Callable[..., Any]] = {}  # per worker process: RewardFn.key → bound function
 
 
-def score_chunk(fn: RewardFn, items: list[tuple]) -> list[RewardResult]:
-    """Body of one unit: items are (data_source, solution, ground_truth, extra_info); results carry plain data."""
+def score_items(fn: RewardFn, items: list[tuple]) -> Iterator[RewardResult]:
+    """Body of one unit: items are (data_source, solution, ground_truth, extra_info); each result (plain data)
+    is yielded as soon as it is known, so the runner sees progress and, after a kill, which sample was running."""
     bound = _BOUND.get(fn.key)
     if bound is None:
         bound = _BOUND[fn.key] = bind_reward(fn.name, dict(fn.kwargs))
-    results = []
     for item in items:
         res = call_reward(bound, *item)
-        results.append(RewardResult(res.score, _plain(res.details), res.failure))
-    return results
+        yield RewardResult(res.score, _plain(res.details), res.failure)
+
+
+def score_chunk(fn: RewardFn, items: list[tuple]) -> list[RewardResult]:
+    """score_items, all at once (in this process)."""
+    return list(score_items(fn, items))
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -155,20 +160,22 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 # ----------------------------------------------------------------------------------------------- backends
 #
-# A backend runs units: submit(fn, items) -> handle; poll(handles, wait_s) -> [(handle, status, payload)] for
-# the finished ones (status "ok" with the list of RewardResult, else a failure kind); kill(handle); close().
+# A backend runs units: submit(fn, items) -> handle; poll(handles, wait_s) -> events, each (handle, "item",
+# RewardResult) for the unit's next sample, (handle, "done", None) at its end, or (handle, failure kind, None)
+# when its worker died (the unit is over); kill(handle); close().
 
 _RAY_TASK = None
 
 
 class RayTasks:
-    """A Ray task per unit (num_cpus 0.5, no retries); kill = force-cancel, which kills the worker process."""
+    """A Ray streaming-generator task per unit (num_cpus 0.5, no retries), one object per sample; kill =
+    force-cancel, which kills the worker process."""
 
     def __init__(self):
         import ray
         global _RAY_TASK
         if _RAY_TASK is None:
-            _RAY_TASK = ray.remote(num_cpus=0.5, max_retries=0)(score_chunk)
+            _RAY_TASK = ray.remote(num_returns="streaming", num_cpus=0.5, max_retries=0)(score_items)
         self._ray = ray
         self._fn_refs: dict[str, Any] = {}
 
@@ -183,17 +190,22 @@ class RayTasks:
         ready, _ = ray.wait(handles, num_returns=1, timeout=wait_s)
         if ready:
             ready, _ = ray.wait(handles, num_returns=len(handles), timeout=0)
-        finished = []
-        for ref in ready:
+        events = []
+        for generator in ready:
             try:
-                finished.append((ref, "ok", ray.get(ref)))
+                ref = next(generator)
+            except StopIteration:
+                events.append((generator, "done", None))
+                continue
+            try:
+                events.append((generator, "item", ray.get(ref)))
             except ray.exceptions.WorkerCrashedError:
-                finished.append((ref, CRASH, None))
+                events.append((generator, CRASH, None))
             except ray.exceptions.RayTaskError as err:  # the unit itself raised (not a reward: those are caught)
-                finished.append((ref, f"crash:{type(getattr(err, 'cause', None) or err).__name__}", None))
+                events.append((generator, f"crash:{type(getattr(err, 'cause', None) or err).__name__}", None))
             except Exception as err:  # noqa: BLE001 - e.g. the object was lost with its node
-                finished.append((ref, f"crash:{type(err).__name__}", None))
-        return finished
+                events.append((generator, f"crash:{type(err).__name__}", None))
+        return events
 
     def kill(self, handle) -> None:
         self._ray.cancel(handle, force=True)
@@ -235,23 +247,26 @@ class LocalProcesses:
 
     def poll(self, handles: list, wait_s: float) -> list[tuple]:
         by_conn = {self._busy[h][1]: h for h in handles}
-        finished = []
+        events = []
         for conn in multiprocessing.connection.wait(list(by_conn), timeout=wait_s):
             handle = by_conn[conn]
-            proc, _ = self._busy.pop(handle)
-            try:
-                status, payload = conn.recv()
-            except (EOFError, OSError):  # the process died mid-unit: segfault, os._exit, OOM kill
-                self._stop(proc, conn)
-                finished.append((handle, CRASH, None))
-                continue
-            except Exception as err:  # noqa: BLE001 - a reply that cannot be read back
-                self._stop(proc, conn)
-                finished.append((handle, f"crash:{type(err).__name__}", None))
-                continue
-            self._idle.append((proc, conn))
-            finished.append((handle, "ok", payload) if status == "ok" else (handle, f"crash:{payload}", None))
-        return finished
+            while True:  # every message already there
+                try:
+                    status, payload = conn.recv()
+                except Exception as err:  # noqa: BLE001 - EOF: the process died mid-unit (segfault, os._exit)
+                    self._stop(*self._busy.pop(handle))
+                    events.append((handle, CRASH if isinstance(err, (EOFError, OSError))
+                                   else f"crash:{type(err).__name__}", None))
+                    break
+                if status == "item":
+                    events.append((handle, "item", payload))
+                    if conn.poll(0):
+                        continue
+                    break
+                self._idle.append(self._busy.pop(handle))
+                events.append((handle, "done", None) if status == "done" else (handle, f"crash:{payload}", None))
+                break
+        return events
 
     def kill(self, handle: int) -> None:
         self._stop(*self._busy.pop(handle))
@@ -283,10 +298,11 @@ def _local_worker_main(conn) -> None:
         except (EOFError, OSError):
             return
         try:
-            reply = ("ok", score_chunk(fn, items))
+            for result in score_items(fn, items):
+                conn.send(("item", result))
+            conn.send(("done", None))
         except BaseException as err:  # noqa: BLE001 - the unit failed outside the reward (e.g. its import)
-            reply = ("error", type(err).__name__)
-        conn.send(reply)
+            conn.send(("error", type(err).__name__))
 
 
 def _die_with_parent() -> None:
@@ -304,14 +320,15 @@ def score_stream(fns: list[RewardFn], samples: Iterable[dict], backend, *, timeo
     """samples: {data_source, solution, ground_truth, extra_info} → results in input order (see `combine`).
 
     Samples are read lazily, at most `max_pending` waiting for their result (None: no bound), so a file of any
-    size streams through. A unit still running `timeout_s` after it was submitted is killed."""
+    size streams through. A unit whose worker returns no result for `timeout_s` (since submission or its last
+    result) is killed: the sample it was running scores 0 (`timeout`), the rest go out again."""
     sample_iter = iter(samples)
     pending: dict[int, dict] = {}  # index → sample, until its result is yielded
     terms_left: dict[int, int] = {}
     outcome: dict[int, dict[int, RewardResult]] = {}
     open_units: list[list[int]] = [[] for _ in fns]
     units: collections.deque = collections.deque()  # (reward index, [sample indices])
-    in_flight: dict[Any, tuple[tuple[int, list[int]], float]] = {}
+    in_flight: dict[Any, _Unit] = {}
     next_in = next_out = 0
     exhausted = False
 
@@ -352,29 +369,44 @@ def score_stream(fns: list[RewardFn], samples: Iterable[dict], backend, *, timeo
             j, idx = unit = units.popleft()
             items = [(pending[i]["data_source"], pending[i]["solution"], pending[i]["ground_truth"],
                       pending[i]["extra_info"]) for i in idx]
-            in_flight[backend.submit(fns[j], items)] = (unit, time.monotonic())
+            in_flight[backend.submit(fns[j], items)] = _Unit(j, idx, 0, time.monotonic())
         if not in_flight:
             continue
 
-        failed: list[tuple[tuple[int, list[int]], str]] = []
+        def charge(unit: _Unit, kind: str) -> None:
+            """The unit's worker died or was killed on its sample `unit.done`: only that sample scores 0."""
+            rest = unit.idx[unit.done:]
+            if rest:
+                record(rest[0], unit.j, RewardResult(0.0, {}, kind))
+            if rest[1:]:
+                units.appendleft((unit.j, rest[1:]))
+
         for handle, status, payload in backend.poll(list(in_flight), 0.05):
-            unit, _ = in_flight.pop(handle)
-            if status == "ok":
-                for i, result in zip(unit[1], payload):
-                    record(i, unit[0], result)
-            else:
-                failed.append((unit, status))
+            unit = in_flight[handle]
+            if status == "item":
+                record(unit.idx[unit.done], unit.j, payload)
+                unit.done += 1
+                unit.last_progress = time.monotonic()
+                continue
+            del in_flight[handle]
+            if status != "done":
+                charge(unit, status)
+            elif unit.done < len(unit.idx):  # a backend ending a unit early would otherwise hang the caller
+                charge(unit, "crash:unit_ended_early")
         now = time.monotonic()
-        for handle, (unit, started) in list(in_flight.items()):
-            if now - started > timeout_s:
+        for handle, unit in list(in_flight.items()):
+            if now - unit.last_progress > timeout_s:  # each sample gets timeout_s of its own
                 backend.kill(handle)
-                in_flight.pop(handle)
-                failed.append((unit, TIMEOUT))
-        for (j, idx), kind in failed:
-            if len(idx) > 1:  # isolate the culprit: retry one sample per unit, first in line
-                units.extendleft((j, [i]) for i in reversed(idx))
-            else:
-                record(idx[0], j, RewardResult(0.0, {}, kind))
+                del in_flight[handle]
+                charge(unit, TIMEOUT)
+
+
+@dataclasses.dataclass
+class _Unit:
+    j: int  # the reward function's index
+    idx: list[int]  # the samples, in the order the worker runs them
+    done: int  # how many results came back
+    last_progress: float  # monotonic time of submission or of the last result
 
 
 def combine(fns: list[RewardFn], terms: dict[int, RewardResult]) -> dict:

@@ -87,7 +87,8 @@ def test_ray_tasks_follow_the_same_rules(hostile):
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        results = score_batch([hostile], samples_for(EXPECTED), timeout_s=3.0, max_concurrency=2,
+        # A generous limit: after a crash Ray starts a new worker process, which takes seconds on a busy machine.
+        results = score_batch([hostile], samples_for(EXPECTED), timeout_s=10.0, max_concurrency=2,
                               samples_per_task=16)
     finally:
         ray.shutdown()
@@ -202,3 +203,24 @@ def test_the_runner_imports_without_ray():
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert RayTasks  # the Ray backend imports Ray only when built
+
+
+@pytest.mark.unit
+def test_each_sample_has_its_own_time_limit_and_finished_ones_are_not_rerun(tmp_path):
+    calls = tmp_path / "calls.log"
+    path = tmp_path / "slow.py"
+    path.write_text("import time\n"
+                    "def score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    f"    open({str(calls)!r}, 'a').write(solution_str + '\\n')\n"
+                    "    time.sleep(600 if solution_str == 'hang' else 0.4)\n"
+                    "    return 1.0\n")
+    fn = RewardFn(f"{path}:score", 1.0, (), None)
+    backend = LocalProcesses(1)
+    try:  # one unit of 5 samples, 2 s of work in all, each sample well under the 1 s limit but the hang
+        results = list(score_stream([fn], samples_for(["a", "b", "hang", "c", "d"]), backend, timeout_s=1.0,
+                                    max_concurrency=1, samples_per_task=5))
+    finally:
+        backend.close()
+    assert [r["score"] for r in results] == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert results[2]["failures"] == ["timeout"]
+    assert calls.read_text().split() == ["a", "b", "hang", "c", "d"]  # nothing ran twice
