@@ -14,12 +14,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("verl.utils.reward_score", reason="verl is installed by scripts/setup.sh")
-
-from posttrain.data import load_prompt_rows  # noqa: E402
-from posttrain.loops.run import reward_sample  # noqa: E402
-from posttrain.rewards_runner import RewardFn, score_chunk  # noqa: E402
-from rewards import call_reward, load_reward  # noqa: E402
+from posttrain.data import load_prompt_rows
+from posttrain.loops.run import reward_sample
+from posttrain.rewards_runner import RewardFn, score_chunk
+from rewards import call_reward, load_reward
 
 GSM8K_INSTRUCTION = "Let's think step by step and output the final answer after \"####\"."
 
