@@ -57,6 +57,12 @@ class RolloutConfig(_Strict):
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+    async_steps: int = Field(0, ge=0, le=1, description="1: one-step-off asynchronous rollout — the engines "
+                             "generate step t+1's batch (with the weights of step t−1) while the trainer updates on "
+                             "step t's; the staleness bound is one step, corrected by a truncated importance weight "
+                             "π_old/μ per sequence. 0: synchronous (every batch from the latest weights).")
+    max_importance_weight: float = Field(2.0, ge=1, description="Truncation of the per-sequence importance weight "
+                                         "π_old/μ used with async_steps = 1.")
 
 
 class RewardFunctionConfig(_Strict):

@@ -52,6 +52,18 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale_by
     return advantages.to(torch.float32)
 
 
+def truncated_importance_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Per-sequence importance weight of a batch sampled by an older policy μ (asynchronous rollout):
+
+        w_i = min( exp( (1/|y_i|) Σ_t (log π_old(y_i,t) − log μ(y_i,t)) ), C )         [N,T] x3 → [N]
+
+    length-normalised like GSPO's own ratio (a product over hundreds of tokens would explode), truncated at C
+    (truncated IS: bounded variance, a small bias). Multiplying A_i by w_i ≥ 0 scales both branches of GSPO's
+    min(s·A, clip(s)·A) alike, so it is exactly the importance-weighted objective."""
+    return torch.exp(sequence_log_ratio(old_logprobs, behaviour_logprobs, mask)).clamp(max=cap)
+
+
 def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log s_i = (1/|y_i|) Σ_t mask·(log πθ − log π_old).   [N,T] x3 → [N]"""
     mask = mask.to(logprobs.dtype)

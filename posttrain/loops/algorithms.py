@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from posttrain.algorithms.grpo import grpo_loss
-from posttrain.algorithms.gspo import group_advantages, gspo_loss
+from posttrain.algorithms.gspo import group_advantages, gspo_loss, truncated_importance_weights
 from posttrain.trainer.objectives import MOPDObjective, PolicyGradientObjective
 from teachers.scores import TeacherScores, padded
 
@@ -53,6 +53,13 @@ class GSPO:
                 keep = {k for k in keep if bool((batch.rewards[batch.group_ids == batch.group_ids[k]]
                                                  != batch.rewards[k]).any())}
             old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses)            # π_old
+            stale = {}
+            if batch.stale_steps:   # sampled by μ, an older policy: reweight by π_old/μ (docs/algorithms.md §1.6)
+                weights = importance_weights(old_logprobs, batch.sampling_logprobs, batch.max_importance_weight)
+                advantages = advantages * weights
+                stale = {"rollout/importance_weight_mean": float(weights.mean()),
+                         "rollout/importance_weight_capped_frac":
+                             float((weights >= batch.max_importance_weight).float().mean())}
             metrics = []
             for _epoch in range(a.epochs):
                 for part in whole_group_minibatches(len(batch.prompts), a.mini_batches):
@@ -64,7 +71,7 @@ class GSPO:
                               "advantages": advantages[idx].numpy()}
                     metrics.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
                                                            [batch.responses[k] for k in idx], arrays))
-        return mean_metrics(metrics)
+        return {**mean_metrics(metrics), **stale}
 
     def progress(self, record: dict) -> dict[str, str]:
         return {}
@@ -172,6 +179,16 @@ ALGORITHMS = {"gspo": GSPO, "grpo": GRPO, "mopd": MOPD}
 
 def make_algorithm(recipe):
     return ALGORITHMS[recipe.algorithm.type](recipe.algorithm)
+
+
+def importance_weights(old_logprobs: list[list[float]], behaviour_logprobs: list[list[float]], cap: float
+                       ) -> torch.Tensor:
+    """truncated_importance_weights over ragged per-sample log-prob lists → [N]."""
+    T = max(len(x) for x in old_logprobs)
+    old = torch.from_numpy(padded([np.asarray(x, np.float32) for x in old_logprobs], T))
+    mu = torch.from_numpy(padded([np.asarray(x, np.float32) for x in behaviour_logprobs], T))
+    mask = torch.from_numpy(padded([np.ones(len(x), np.float32) for x in old_logprobs], T))
+    return truncated_importance_weights(old, mu, mask, cap)
 
 
 def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:

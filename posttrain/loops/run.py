@@ -14,8 +14,10 @@ are the ones an uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
+import pickle
 import sys
 import time
 
@@ -65,6 +67,8 @@ class RolloutBatch:
     texts: list[str]
     finish_reasons: list[str]
     rewards: torch.Tensor | None = None   # [N], after scoring
+    stale_steps: int = 0                  # how many weight versions behind the trainer its sampling policy μ is
+    max_importance_weight: float = 1.0    # truncation of π_old/μ when stale (rollout.max_importance_weight)
 
 
 def sampling_seed(seed: int, step: int, index: int, stream: int = 0) -> int:
@@ -108,17 +112,24 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
 
     r = recipe.rollout
     timer, nonfinite_steps, failing_steps = StepTimer(), 0, 0
+    # One-step-off rollout: the next batch is generated in a driver thread while this step updates. The engines
+    # run their calls in order, so that generation finishes (with the old weights) before the next weight sync.
+    generator = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-rollout")
+    actors.append(generator)                                      # shut down with the actors, whatever happens
+    pending = pending_from_checkpoint(resume_from)
+
+    def launch(step: int) -> concurrent.futures.Future:
+        rows_idx = cursor.next_indices(r.prompts_per_step)       # drawn here, in order: the cursor stays exact
+        seeds = [sampling_seed(recipe.seed, step, j) for j in range(len(rows_idx))]
+        return generator.submit(generate_batch, rollout, recipe, rows_idx, seeds, data.train_ids)
     bar = tqdm(range(start_step + 1, recipe.total_steps + 1), desc=recipe.name, unit="step", disable=not progress,
                initial=start_step, total=recipe.total_steps, dynamic_ncols=True)
     for step in bar:
         timer.start_step()
         # 1. prompts and rollouts -----------------------------------------------------------------------------
         with timer.span("rollout"):
-            rows_idx = cursor.next_indices(r.prompts_per_step)
-            seeds = [sampling_seed(recipe.seed, step, j) for j in range(len(rows_idx))]
-            groups = rollout.generate([data.train_ids[i] for i in rows_idx], seeds, n=r.n, temperature=r.temperature,
-                                      top_p=r.top_p, max_tokens=r.max_tokens)
-            batch = flatten_groups(rows_idx, groups, data.train_ids)
+            batch = (pending or launch(step)).result()
+            pending = launch(step + 1) if r.async_steps and step < recipe.total_steps else None
         # 2. rewards ------------------------------------------------------------------------------------------
         with timer.span("reward"):
             samples = [reward_sample(data.train_rows[i], text) for i, text in zip(batch.row_index, batch.texts)]
@@ -154,7 +165,8 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
             record.update(evaluate(recipe, rollout, reward_fns, data))
         metrics_log.write(record)
         if step % recipe.checkpoint.every == 0 or step == recipe.total_steps:
-            save_checkpoint(recipe, run_dir, step, trainer, cursor)
+            # The batch in flight is part of the state: it was sampled from weights no checkpoint holds.
+            save_checkpoint(recipe, run_dir, step, trainer, cursor, pending.result() if pending else None)
         bar.set_postfix(**algorithm.progress(record), reward=f"{record['reward/mean']:.3f}",
                         tok_s=f"{record['throughput/tokens_per_s']:.0f}",
                         **({"eval": f"{record['eval/reward/mean']:.3f}"} if "eval/reward/mean" in record else {}))
@@ -191,6 +203,16 @@ def prepare_prompts(rows: list[dict], tokenizer, max_tokens: int, what: str) -> 
                                f"{max_tokens}; shorten it or raise the limit")
         ids.append(p)
     return ids
+
+
+def generate_batch(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int], seeds: list[int],
+                   prompt_ids: list[list[int]]) -> RolloutBatch:
+    r = recipe.rollout
+    groups = rollout.generate([prompt_ids[i] for i in rows_idx], seeds, n=r.n, temperature=r.temperature,
+                              top_p=r.top_p, max_tokens=r.max_tokens)
+    batch = flatten_groups(rows_idx, groups, prompt_ids)
+    batch.stale_steps, batch.max_importance_weight = r.async_steps, r.max_importance_weight
+    return batch
 
 
 def flatten_groups(rows_idx: list[int], groups: list[list[dict]], prompt_ids: list[list[int]]) -> RolloutBatch:
@@ -310,13 +332,32 @@ def restore_state(recipe: Recipe, resume_from: str | None, trainer: TrainerGroup
     return start_step
 
 
-def save_checkpoint(recipe: Recipe, run_dir: str, step: int, trainer: TrainerGroup, cursor: DataCursor) -> None:
-    """Every rank writes its state into the temporary folder; the driver adds its own and commits atomically."""
+def save_checkpoint(recipe: Recipe, run_dir: str, step: int, trainer: TrainerGroup, cursor: DataCursor,
+                    pending: RolloutBatch | None = None) -> None:
+    """Every rank writes its state into the temporary folder; the driver adds its own (and, with asynchronous
+    rollout, the next step's batch, already sampled) and commits atomically."""
     tmp = ckpt.begin(run_dir, step)
     trainer.call_all("save_state", tmp)
+    if pending is not None:
+        with open(os.path.join(tmp, PENDING_BATCH), "wb") as f:
+            pickle.dump(dataclasses.asdict(pending), f)
     driver_state = {"step": step, "cursor": cursor.state_dict(), "recipe_hash": recipe_hash(recipe),
                     "recipe": recipe_to_dict(recipe)}
     ckpt.commit(run_dir, tmp, step, driver_state, recipe.checkpoint.keep_last)
+
+
+PENDING_BATCH = "pending_batch.pkl"
+
+
+def pending_from_checkpoint(resume_from: str | None) -> concurrent.futures.Future | None:
+    """The in-flight batch an asynchronous run saved with its checkpoint, as a finished future (None: none)."""
+    path = os.path.join(resume_from, PENDING_BATCH) if resume_from else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(RolloutBatch(**pickle.load(f)))
+    return done
 
 
 LOST_WORKER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
