@@ -45,7 +45,8 @@ class TrainerSettings:
     seed: int
     use_gpu: bool
     backend: str            # "auto" | "gloo" | "nccl"
-    torch_threads: int
+    torch_threads: int      # 0: the CPUs of this node not reserved (reserved_cpus)
+    reserved_cpus: float    # CPUs busy during the update (rollout engines generating, with async rollout)
     micro_batch_size: int
     logprob_chunk_size: int
     optimizer: OptimizerSettings
@@ -58,6 +59,8 @@ def trainer_settings(recipe, objective) -> TrainerSettings:
     return TrainerSettings(
         model_path=recipe.model.path, dtype=recipe.model.dtype, seed=recipe.seed, use_gpu=t.gpus_per_worker > 0,
         backend=t.backend, torch_threads=t.torch_threads, micro_batch_size=t.micro_batch_size,
+        reserved_cpus=(recipe.rollout.num_workers * recipe.rollout.cpus_per_worker if recipe.rollout.async_steps
+                       else 0.0),
         logprob_chunk_size=t.logprob_chunk_size, objective=objective,
         optimizer=OptimizerSettings(
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
@@ -107,7 +110,7 @@ class TrainerRank:
 
     def setup(self, master_addr: str, master_port: int) -> int:
         s = self.settings
-        torch.set_num_threads(s.torch_threads)
+        torch.set_num_threads(s.torch_threads or max(1, len(os.sched_getaffinity(0)) - int(s.reserved_cpus)))
         self.device = (torch.device("cuda", torch.cuda.current_device()) if s.use_gpu and torch.cuda.is_available()
                        else torch.device("cpu"))
         backend = s.backend if s.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
