@@ -183,7 +183,7 @@ _LATEX_LAYOUT_RE = re.compile(
     r"|\\(?:mathrm|mathit|operatorname)\s*\{\s*([A-Za-z])\s*\}")              # 6: `\mathrm{e}` → e
 # "961 dollars", "5 people", "12 cm": unit words after a plain number (not "5 or more", "2 pi").
 _UNIT_WORDS_RE = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?\s*(?:\\?%)?)\s+([A-Za-z]{2,}\.?(?:\s+[A-Za-z]{2,}\.?){0,2})$")
-_NOT_UNIT_WORDS = {"or", "and", "to", "plus", "minus", "times", "over", "divided", "by", "mod", "and", "not"}
+_NOT_UNIT_WORDS = {"or", "and", "to", "plus", "minus", "times", "over", "divided", "by", "mod", "not"}
 
 
 def canonical_latex(text: str) -> str:
@@ -216,10 +216,11 @@ def strip_unit_words(text: str) -> str:
 
 
 def layout_free(text: str) -> str:
-    """The answer without layout whitespace, for an identity check: LaTeX ignores spaces in math,
-    except between a control word and a letter (`\\to x` is not `\\tox`)."""
+    """The answer without layout whitespace, for an identity check. LaTeX ignores spaces in math, but
+    a space between letters or digits is kept: `\\to x` is not `\\tox`, and a reference `2 3` (two
+    answers) must not equal `23`."""
     text = re.sub(r"\s+", " ", text.strip())
-    return re.sub(r"(?<![A-Za-z]) | (?![A-Za-z])", "", text)
+    return re.sub(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])", "", text)
 
 
 def normalise_answer(answer: str) -> str:

@@ -461,6 +461,7 @@ FORMATS_SCORED_ZERO = [
     (r"\boxed{1 + \frac{1}{e}}", r"1 - \frac{1}{\mathrm{e}}"), (r"\boxed{1}", r"1 - \frac{1}{\mathrm{e}}"),
     ("The answer is 5 or more.", "5"), ("The answer $x$ is 5.", "x"),  # not unit words; not an anchor mid-line
     ("Answer $ \n 9 \n $", "9"),  # inline math does not span lines
+    (r"\boxed{23}", "2 3"),  # the layout-free identity check keeps spaces between digits
 ]
 
 
