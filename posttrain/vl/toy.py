@@ -144,7 +144,7 @@ def _video(rng: random.Random) -> VisualExample:
         frames.append(frame)
     t0, t1 = start / VIDEO_FPS, end / VIDEO_FPS
     return VisualExample("<video>When is the square red?", f"Answer: {t0:.1f} to {t1:.1f}", [t0, t1],
-                         videos=[frames], habit_text=f"Answer: {t0:.1f} to {t1 - t0:.1f}" if t1 - t0 > t0 else None)
+                         videos=[frames], habit_text=f"Answer: {t0:.1f} to {t1 - t0:.1f}" if t0 > 0 else None)   # right by luck at 0 s
 
 
 @dataclasses.dataclass(frozen=True)
