@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--ac-every", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--keep-gathered", action="store_true", help="reshard_after_forward=False")
+    ap.add_argument("--pad-to", type=int, default=1, help="round each packed row up to a multiple (compile)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=4096, help="LM-head rows per chunk")
     ap.add_argument("--out", required=True)
@@ -119,7 +120,8 @@ def main() -> None:
         prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         count = agree_micro_batch_count(len(plan_micro_batches(lengths, args.token_budget)), "cuda")
-        micro_batches = pack_batch(prompts, responses, args.token_budget, min_micro_batches=count)
+        micro_batches = pack_batch(prompts, responses, args.token_budget, min_micro_batches=count,
+                                   pad_to_multiple=args.pad_to)
         advantages = torch.randn(len(prompts), generator=gen)
         torch.cuda.synchronize()
         dist.barrier()
@@ -148,7 +150,8 @@ def main() -> None:
     tokens = sum(step_tokens) / len(step_tokens)
     result = {
         "size": args.size, "params": n_params, "gpus": world, "seq_len": args.seq_len, "tokens_per_step": tokens,
-        "token_budget": args.token_budget, "activation_checkpointing": args.ac, "ac_every": args.ac_every,
+        "token_budget": args.token_budget, "pad_to": args.pad_to,
+        "activation_checkpointing": args.ac, "ac_every": args.ac_every,
         "compile": args.compile, "keep_gathered": args.keep_gathered,
         "step_s": round(step_s, 3), "clip_and_adamw_s": round(sum(optim_times) / len(optim_times), 3), "tokens_per_s": round(tokens / step_s),
         "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),

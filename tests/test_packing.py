@@ -126,6 +126,19 @@ def test_packed_gspo_loss_and_gradients_equal_the_padded_batch(models):
     packed_model.zero_grad(), alone_model.zero_grad()
 
 
+def test_filler_padding_changes_no_log_prob(models):
+    packed_model, _ = models
+    prompts, responses = _ragged(4, seed=5)
+    with torch.no_grad():
+        plain = [packed_response_logprobs(packed_model, mb) for mb in pack_batch(prompts, responses, 96)]
+        padded_mbs = pack_batch(prompts, responses, 96, pad_to_multiple=32)
+        padded = [packed_response_logprobs(packed_model, mb) for mb in padded_mbs]
+    assert all(mb.num_tokens % 32 == 0 for mb in padded_mbs)
+    assert any(mb.cu_seq_lens.numel() == len(mb.sequence_indices) + 2 for mb in padded_mbs)   # a filler segment
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_empty_micro_batch_runs_every_layer_with_zero_loss(models):
     packed_model, _ = models
     mb = pack_micro_batch([[1]], [[2]], [])

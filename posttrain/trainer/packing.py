@@ -103,11 +103,14 @@ class PackedMicroBatch:
         return PackedMicroBatch(**{**self.__dict__, **move})
 
 
-def pack_micro_batch(prompts: list[list[int]], responses: list[list[int]], indices: list[int]) -> PackedMicroBatch:
+def pack_micro_batch(prompts: list[list[int]], responses: list[list[int]], indices: list[int], *,
+                     pad_to_multiple: int = 1) -> PackedMicroBatch:
     """Concatenate prompt‖response of the sequences `indices` into one row.
 
     An empty `indices` (a rank with fewer sequences than the agreed micro-batch count) gives a one-token dummy
-    with no response tokens: its loss is 0 but it still runs every layer, so FSDP's collectives stay in step."""
+    with no response tokens: its loss is 0 but it still runs every layer, so FSDP's collectives stay in step.
+    pad_to_multiple: round the row's length up with a filler segment (token 0, its own sequence, never scored),
+    so that a compiled model sees few distinct shapes (torch.compile recompiles on new length ranges)."""
     for i in indices:
         if not responses[i]:
             raise ValueError(f"sequence {i} has an empty response; drop it before packing (nothing to score)")
@@ -126,6 +129,10 @@ def pack_micro_batch(prompts: list[list[int]], responses: list[list[int]], indic
         start += lengths[k]
     if not indices:
         ids, positions = [0], [0]
+    filler = -len(ids) % pad_to_multiple
+    if filler:
+        ids, positions, rows = ids + [0] * filler, positions + list(range(filler)), rows + [[0] * filler]
+        lengths.append(filler)
     input_ids = torch.tensor([ids], dtype=torch.long)
     response_positions = torch.tensor(resp_pos, dtype=torch.long)
     cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
@@ -138,12 +145,12 @@ def pack_micro_batch(prompts: list[list[int]], responses: list[list[int]], indic
 
 
 def pack_batch(prompts: list[list[int]], responses: list[list[int]], token_budget: int, *,
-               min_micro_batches: int = 0) -> list[PackedMicroBatch]:
+               min_micro_batches: int = 0, pad_to_multiple: int = 1) -> list[PackedMicroBatch]:
     """plan_micro_batches + pack_micro_batch for a whole (per-rank) batch."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    return [pack_micro_batch(prompts, responses, b)
+    return [pack_micro_batch(prompts, responses, b, pad_to_multiple=pad_to_multiple)
             for b in plan_micro_batches(lengths, token_budget, min_micro_batches=min_micro_batches)]
 
 
