@@ -19,8 +19,8 @@ Each failure scores that (sample, reward) term 0 with a counted kind
 | reports its own reason (a dict's "failure" detail, e.g.  | that reason (its score kept) |
 | math's `no_answer`)                                      |                              |
 
-The worker runs a unit's samples in order, so when it dies or is killed the culprit is known: the sample
-it was running. Only that sample is charged; the unit's remaining samples go out again, first in line. The details of a dict result travel back as plain data (numbers, strings, lists, dicts): a detail
+When a worker dies or is killed, the samples of its unit it had not reported are retried one per unit, first
+in line, so only the culprit is charged (a sample reported done is kept and never run again). The details of a dict result travel back as plain data (numbers, strings, lists, dicts): a detail
 that is anything else (an open file, a lock, an instance of a class in the user's reward file) becomes its
 text (repr), and the score stands: the score is the reward's answer, a detail only a log line.
 
@@ -121,20 +121,32 @@ def release_reward_servers() -> None:
 _BOUND: dict[str, Callable[..., Any]] = {}  # per worker process: RewardFn.key → bound function
 
 
-def score_items(fn: RewardFn, items: list[tuple]) -> Iterator[RewardResult]:
-    """Body of one unit: items are (data_source, solution, ground_truth, extra_info); each result (plain data)
-    is yielded as soon as it is known, so the runner sees progress and, after a kill, which sample was running."""
+# A unit's results go back in batches at most this old: progress the runner sees well within any time limit,
+# without one message per sample (which halved `posttrain score` throughput for cheap rewards).
+RESULTS_FLUSH_S = 0.05
+
+
+def score_items(fn: RewardFn, items: list[tuple]) -> Iterator[list[RewardResult]]:
+    """Body of one unit: items are (data_source, solution, ground_truth, extra_info); results (plain data) are
+    yielded in order, in batches no older than RESULTS_FLUSH_S, so the runner sees progress and, after a kill,
+    which sample was running."""
     bound = _BOUND.get(fn.key)
     if bound is None:
         bound = _BOUND[fn.key] = bind_reward(fn.name, dict(fn.kwargs))
+    batch, flushed = [], time.monotonic()
     for item in items:
         res = call_reward(bound, *item)
-        yield RewardResult(res.score, _plain(res.details), res.failure)
+        batch.append(RewardResult(res.score, _plain(res.details), res.failure))
+        if time.monotonic() - flushed > RESULTS_FLUSH_S:
+            yield batch
+            batch, flushed = [], time.monotonic()
+    if batch:
+        yield batch
 
 
 def score_chunk(fn: RewardFn, items: list[tuple]) -> list[RewardResult]:
     """score_items, all at once (in this process)."""
-    return list(score_items(fn, items))
+    return [result for batch in score_items(fn, items) for result in batch]
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -160,8 +172,8 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 # ----------------------------------------------------------------------------------------------- backends
 #
-# A backend runs units: submit(fn, items) -> handle; poll(handles, wait_s) -> events, each (handle, "item",
-# RewardResult) for the unit's next sample, (handle, "done", None) at its end, or (handle, failure kind, None)
+# A backend runs units: submit(fn, items) -> handle; poll(handles, wait_s) -> events, each (handle, "items",
+# [RewardResult]) for the unit's next samples, (handle, "done", None) at its end, or (handle, failure kind, None)
 # when its worker died (the unit is over); kill(handle); close().
 
 _RAY_TASK = None
@@ -198,7 +210,7 @@ class RayTasks:
                 events.append((generator, "done", None))
                 continue
             try:
-                events.append((generator, "item", ray.get(ref)))
+                events.append((generator, "items", ray.get(ref)))
             except ray.exceptions.WorkerCrashedError:
                 events.append((generator, CRASH, None))
             except ray.exceptions.RayTaskError as err:  # the unit itself raised (not a reward: those are caught)
@@ -258,8 +270,8 @@ class LocalProcesses:
                     events.append((handle, CRASH if isinstance(err, (EOFError, OSError))
                                    else f"crash:{type(err).__name__}", None))
                     break
-                if status == "item":
-                    events.append((handle, "item", payload))
+                if status == "items":
+                    events.append((handle, "items", payload))
                     if conn.poll(0):
                         continue
                     break
@@ -298,8 +310,8 @@ def _local_worker_main(conn) -> None:
         except (EOFError, OSError):
             return
         try:
-            for result in score_items(fn, items):
-                conn.send(("item", result))
+            for batch in score_items(fn, items):
+                conn.send(("items", batch))
             conn.send(("done", None))
         except BaseException as err:  # noqa: BLE001 - the unit failed outside the reward (e.g. its import)
             conn.send(("error", type(err).__name__))
@@ -320,8 +332,8 @@ def score_stream(fns: list[RewardFn], samples: Iterable[dict], backend, *, timeo
     """samples: {data_source, solution, ground_truth, extra_info} → results in input order (see `combine`).
 
     Samples are read lazily, at most `max_pending` waiting for their result (None: no bound), so a file of any
-    size streams through. A unit whose worker returns no result for `timeout_s` (since submission or its last
-    result) is killed: the sample it was running scores 0 (`timeout`), the rest go out again."""
+    size streams through. A unit whose worker reports no result for `timeout_s` (since submission or its last
+    report) is killed, so each sample has its own limit; see `charge` for who is charged."""
     sample_iter = iter(samples)
     pending: dict[int, dict] = {}  # index → sample, until its result is yielded
     terms_left: dict[int, int] = {}
@@ -374,18 +386,21 @@ def score_stream(fns: list[RewardFn], samples: Iterable[dict], backend, *, timeo
             continue
 
         def charge(unit: _Unit, kind: str) -> None:
-            """The unit's worker died or was killed on its sample `unit.done`: only that sample scores 0."""
+            """The unit's worker died or was killed before reporting these samples. Results come back in batches,
+            so which of them it was running is not certain: a lone sample is charged, several are retried one per
+            unit, first in line (a sample reported done is never run again)."""
             rest = unit.idx[unit.done:]
-            if rest:
+            if len(rest) == 1:
                 record(rest[0], unit.j, RewardResult(0.0, {}, kind))
-            if rest[1:]:
-                units.appendleft((unit.j, rest[1:]))
+            else:
+                units.extendleft((unit.j, [i]) for i in reversed(rest))
 
         for handle, status, payload in backend.poll(list(in_flight), 0.05):
             unit = in_flight[handle]
-            if status == "item":
-                record(unit.idx[unit.done], unit.j, payload)
-                unit.done += 1
+            if status == "items":
+                for result in payload:
+                    record(unit.idx[unit.done], unit.j, result)
+                    unit.done += 1
                 unit.last_progress = time.monotonic()
                 continue
             del in_flight[handle]

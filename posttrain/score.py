@@ -57,9 +57,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="scoring processes (default: the number of CPUs this process may use)")
     parser.add_argument("--timeout-s", type=float, default=30.0,
-                        help="wall-clock seconds per line (default 30): lines go to workers in chunks; a chunk past the "
-                             "limit has its worker killed and its lines retried one by one, so only a line that "
-                             "alone exceeds it scores 0 with failure 'timeout'")
+                        help="wall-clock seconds one line's reward may take (default 30); beyond it the worker is killed "
+                             "and that line scores 0 with failure 'timeout'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
