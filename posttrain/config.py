@@ -74,7 +74,9 @@ class RewardFunctionConfig(_Strict):
 
 
 class RewardsConfig(_Strict):
-    functions: list[RewardFunctionConfig] = Field(min_length=1)
+    functions: list[RewardFunctionConfig] = Field(default_factory=list, description="Reward functions of the "
+                                                  "completion; may be empty only when an `environment` gives the "
+                                                  "reward.")
     timeout_s: float = Field(30.0, gt=0, description="Wall-clock limit per sample; beyond it the sample scores 0 "
                              "and counts as `reward/failures/timeout`.")
     max_concurrency: int = Field(4, ge=1, description="Reward tasks in flight at once.")
@@ -136,6 +138,23 @@ class TrainerConfig(_Strict):
     max_nonfinite_steps: int = Field(3, ge=1, description="A step whose loss or gradient norm is not finite is "
                                      "skipped (weights unchanged) and counted; this many in a row stop the run.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+
+class EnvironmentConfig(_Strict):
+    """Multi-turn rollouts with a tool environment (envs/, docs/envs.md). The environment's reward (summed over
+    turns) is the reward component `env`; `rewards.functions`, if any, are added on the final answer's text."""
+    name: Optional[str] = Field(None, description="Default environment of rows without `extra_info.env`: a built-in "
+                                "name (python, lookup, tau, code), 'package.module:Class' or 'path/file.py:Class'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment class.")
+    max_turns: int = Field(4, ge=1, description="Assistant turns per trajectory.")
+    max_tokens_per_turn: int = Field(64, ge=1, description="Sampled tokens per assistant turn.")
+    max_completion_tokens: int = Field(512, ge=1, description="Everything after the prompt: turns and observations.")
+    max_context_tokens: int = Field(1024, ge=2, description="Prompt + completion; at most the engine's max_model_len "
+                                    "(1024 unless rollout.engine_kwargs.max_model_len says otherwise).")
+    env_workers: int = Field(32, ge=1, description="Threads stepping environments concurrently (a slow tool holds "
+                             "only its own trajectory).")
+    dump_trajectories: int = Field(4, ge=0, description="Held-out trajectories written as text (masked spans "
+                                   "marked) to RUN_DIR/trajectories/ at every evaluation.")
 
 
 class CheckpointConfig(_Strict):
@@ -262,10 +281,12 @@ class Recipe(_Strict):
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    rewards: RewardsConfig
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    environment: Optional[EnvironmentConfig] = Field(None, description="Multi-turn tool environment (None: "
+                                                     "single-turn rollouts).")
     log_every: int = Field(1, ge=1)
 
     @model_validator(mode="before")
@@ -288,6 +309,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Recipe":
+        if not self.rewards.functions and self.environment is None:
+            raise ValueError("rewards.functions is empty and no environment gives a reward; add a reward function "
+                             "(e.g. `- {name: math}`) or an `environment:` block")
         mini_batches = self.algorithm.mini_batches
         key = f"algorithm.mini_batches = {mini_batches}"
         samples = self.rollout.prompts_per_step * self.rollout.n

@@ -252,3 +252,29 @@ def test_a_reward_failing_on_most_samples_is_loud_and_stops_the_run(tmp_path):
 @pytest.mark.unit
 def test_algorithm_type_defaults_to_gspo_in_a_partial_block():
     assert parse_recipe({**BASE, "algorithm": {"clip_low": 0.1}}).algorithm.clip_low == 0.1
+
+
+@pytest.mark.unit
+def test_observation_tokens_carry_no_loss(trainer_rank):
+    """Multi-turn: the trainer's loss sees only the tokens the loss mask marks as policy-sampled. Changing π_old at
+    the masked (observation) positions changes nothing; at a policy position it changes the loss."""
+    from posttrain.trainer.objectives import PolicyGradientObjective
+    from posttrain.algorithms.gspo import gspo_loss
+
+    objective = PolicyGradientObjective(gspo_loss, 3e-4, 4e-4)
+    prompts, responses = [[1, 2, 3], [1, 2, 4]], [[5, 6, 7, 8], [9, 10, 11, 12]]
+    old = np.array(trainer_rank.compute_logprobs(prompts, responses), np.float32)
+    loss_mask = np.array([[1, 1, 0, 0], [1, 0, 0, 1]], np.float32)      # 0: observation tokens
+    base = {"old_logprobs": old, "advantages": np.array([1.0, -1.0], np.float32), "loss_mask": loss_mask}
+
+    def loss(arrays):
+        with torch.no_grad():
+            return float(objective.loss(trainer_rank, prompts, responses, arrays)[0])
+
+    shifted_masked = {**base, "old_logprobs": old - 5.0 * (1 - loss_mask)}
+    shifted_policy = {**base, "old_logprobs": old - 5.0 * loss_mask}
+    assert loss(shifted_masked) == loss(base)
+    assert loss(shifted_policy) != loss(base)
+    ones = {**base, "loss_mask": np.ones_like(loss_mask)}
+    no_mask = {k: v for k, v in base.items() if k != "loss_mask"}
+    assert loss(ones) == loss(no_mask)          # all-ones mask = the single-turn path, bitwise

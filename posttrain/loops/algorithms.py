@@ -55,7 +55,8 @@ class GSPO:
             old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses)            # π_old
             stale = {}
             if batch.stale_steps:   # sampled by μ, an older policy: reweight by π_old/μ (docs/algorithms.md §1.6)
-                weights = importance_weights(old_logprobs, batch.sampling_logprobs, batch.max_importance_weight)
+                weights = importance_weights(old_logprobs, batch.sampling_logprobs, batch.max_importance_weight,
+                                             batch.loss_masks)
                 advantages = advantages * weights
                 stale = {"rollout/importance_weight_mean": float(weights.mean()),
                          "rollout/importance_weight_capped_frac":
@@ -69,6 +70,8 @@ class GSPO:
                     T = max(len(batch.responses[k]) for k in idx)
                     arrays = {"old_logprobs": padded([np.asarray(old_logprobs[k], np.float32) for k in idx], T),
                               "advantages": advantages[idx].numpy()}
+                    if batch.loss_masks is not None:
+                        arrays["loss_mask"] = loss_mask_array(batch.loss_masks, idx, T)
                     metrics.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
                                                            [batch.responses[k] for k in idx], arrays))
         return {**mean_metrics(metrics), **stale}
@@ -142,21 +145,27 @@ class MOPD:
             starts = loop_starts(batch.responses, min_repeats=m.loop_min_repeats, min_loop_tokens=m.loop_min_tokens)
 
             def arrays_for(idx: list[int]) -> dict[str, np.ndarray]:
-                return mopd_batch(TeacherScores.from_sequences([student_scores.sequence(k) for k in idx], m.top_k),
+                arrays = mopd_batch(TeacherScores.from_sequences([student_scores.sequence(k) for k in idx], m.top_k),
                                   TeacherScores.from_sequences([teacher_scores.sequence(k) for k in idx], m.top_k),
                                   [batch.responses[k] for k in idx], m,
                                   rollout_logprobs=[batch.sampling_logprobs[k] for k in idx],
                                   token_weights_raw=[raw_weights[k] for k in idx] if raw_weights else None,
                                   loop_start=[starts[k] for k in idx],
                                   outcome_advantages=outcome_adv[idx] if outcome_adv is not None else None)
+                if batch.loss_masks is not None:   # multi-turn: teachers scored everything, the student learns
+                    arrays["loss_mask"] = loss_mask_array(batch.loss_masks, idx, arrays["mask"].shape[1])
+                return arrays
 
             # 3. mini-batch updates (whole prompt groups per mini-batch, in order) ------------------------------
             every = list(range(len(batch.prompts)))
-            diagnostics = step_metrics(arrays_for(every), self.loss_settings(), teacher_index, self.router.names)
+            whole = arrays_for(every)
+            if "loss_mask" in whole:       # the diagnostics (reverse KL, overlap...) on the policy's own tokens
+                whole["mask"] = whole["mask"] * whole.pop("loss_mask")
+            diagnostics = step_metrics(whole, self.loss_settings(), teacher_index, self.router.names)
             updates = []
             for idx in whole_group_minibatches(len(batch.prompts), m.mini_batches):
                 arrays = arrays_for(idx)
-                for diagnostic_only in ("cand_teacher_logprobs", "mask"):
+                for diagnostic_only in ("cand_teacher_logprobs", "mask"):   # loss_mask goes to the trainer
                     arrays.pop(diagnostic_only)
                 updates.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
                                                        [batch.responses[k] for k in idx], arrays))
@@ -181,14 +190,20 @@ def make_algorithm(recipe):
     return ALGORITHMS[recipe.algorithm.type](recipe.algorithm)
 
 
-def importance_weights(old_logprobs: list[list[float]], behaviour_logprobs: list[list[float]], cap: float
-                       ) -> torch.Tensor:
-    """truncated_importance_weights over ragged per-sample log-prob lists → [N]."""
+def importance_weights(old_logprobs: list[list[float]], behaviour_logprobs: list[list[float]], cap: float,
+                       loss_masks: list[list[int]] | None = None) -> torch.Tensor:
+    """truncated_importance_weights over ragged per-sample log-prob lists (policy tokens only) → [N]."""
     T = max(len(x) for x in old_logprobs)
     old = torch.from_numpy(padded([np.asarray(x, np.float32) for x in old_logprobs], T))
     mu = torch.from_numpy(padded([np.asarray(x, np.float32) for x in behaviour_logprobs], T))
-    mask = torch.from_numpy(padded([np.ones(len(x), np.float32) for x in old_logprobs], T))
+    mask = torch.from_numpy(loss_mask_array(loss_masks, range(len(old_logprobs)), T) if loss_masks is not None
+                            else padded([np.ones(len(x), np.float32) for x in old_logprobs], T))
     return truncated_importance_weights(old, mu, mask, cap)
+
+
+def loss_mask_array(loss_masks: list[list[int]], idx, T: int) -> np.ndarray:
+    """[len(idx), T] float32: 1 on policy-sampled tokens of multi-turn trajectories, 0 on observations/padding."""
+    return padded([np.asarray(loss_masks[k], np.float32) for k in idx], T)
 
 
 def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:

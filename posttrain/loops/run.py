@@ -67,6 +67,10 @@ class RolloutBatch:
     texts: list[str]
     finish_reasons: list[str]
     rewards: torch.Tensor | None = None   # [N], after scoring
+    loss_masks: list[list[int]] | None = None   # multi-turn: 1 on policy-sampled tokens, 0 on observations
+    env_rewards: list[float] | None = None      # multi-turn: the environment's reward per trajectory
+    env_metrics: dict | None = None             # multi-turn: env/turns_mean, env/tool_calls_mean, ...
+    trajectories: list | None = None            # multi-turn: for the trajectory dumps
     stale_steps: int = 0                  # how many weight versions behind the trainer its sampling policy μ is
     max_importance_weight: float = 1.0    # truncation of π_old/μ when stale (rollout.max_importance_weight)
 
@@ -107,7 +111,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
     with startup.span("first_eval_or_restore"):
         start_step = restore_state(recipe, resume_from, trainer, rollout, cursor, metrics_log, canary_ids)
         if not resume_from and data.eval_rows:
-            metrics_log.write({"step": 0, **evaluate(recipe, rollout, reward_fns, data)})
+            metrics_log.write({"step": 0, **evaluate(recipe, rollout, reward_fns, data, run_dir, 0)})
     startup_s = time.time() - t_start
 
     r = recipe.rollout
@@ -121,7 +125,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
     def launch(step: int) -> concurrent.futures.Future:
         rows_idx = cursor.next_indices(r.prompts_per_step)       # drawn here, in order: the cursor stays exact
         seeds = [sampling_seed(recipe.seed, step, j) for j in range(len(rows_idx))]
-        return generator.submit(generate_batch, rollout, recipe, rows_idx, seeds, data.train_ids)
+        return generator.submit(generate_batch, rollout, recipe, rows_idx, seeds, data)
     bar = tqdm(range(start_step + 1, recipe.total_steps + 1), desc=recipe.name, unit="step", disable=not progress,
                initial=start_step, total=recipe.total_steps, dynamic_ncols=True)
     for step in bar:
@@ -133,7 +137,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
         # 2. rewards ------------------------------------------------------------------------------------------
         with timer.span("reward"):
             samples = [reward_sample(data.train_rows[i], text) for i, text in zip(batch.row_index, batch.texts)]
-            results = score_rewards(recipe, reward_fns, samples)
+            results = with_env_rewards(score_rewards(recipe, reward_fns, samples), batch.env_rewards)
             batch.rewards = torch.tensor([res["score"] for res in results], dtype=torch.float32)
         failing_steps = check_failing_rewards(recipe, run_dir, step, results, failing_steps)
         # 3. the algorithm's update (advantages or teacher scoring, then mini-batch optimizer steps) ------------
@@ -158,11 +162,11 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
                   "rollout/response_len_mean": n_tokens / len(batch.responses),
                   "rollout/truncated_frac": sum(f == "length" for f in batch.finish_reasons) / len(batch.responses),
                   "rollout/equal_reward_group_frac": equal_reward_group_frac(batch.rewards, batch.group_ids),
-                  "rollout/canary_max_abs_diff": canary_diff, "data/epoch": cursor.epoch}
+                  "rollout/canary_max_abs_diff": canary_diff, "data/epoch": cursor.epoch, **(batch.env_metrics or {})}
         # 6. evaluation and checkpoint ------------------------------------------------------------------------
         if data.eval_rows and ((recipe.data.eval_every and step % recipe.data.eval_every == 0)
                                or step == recipe.total_steps):
-            record.update(evaluate(recipe, rollout, reward_fns, data))
+            record.update(evaluate(recipe, rollout, reward_fns, data, run_dir, step))
         metrics_log.write(record)
         if step % recipe.checkpoint.every == 0 or step == recipe.total_steps:
             # The batch in flight is part of the state: it was sampled from weights no checkpoint holds.
@@ -205,14 +209,59 @@ def prepare_prompts(rows: list[dict], tokenizer, max_tokens: int, what: str) -> 
     return ids
 
 
-def generate_batch(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int], seeds: list[int],
-                   prompt_ids: list[list[int]]) -> RolloutBatch:
+def generate_batch(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int], seeds: list[int], data: RunData,
+                   *, n: int | None = None, temperature: float | None = None) -> RolloutBatch:
+    """n samples per prompt (default rollout.n): one engine call, or multi-turn episodes with the recipe's
+    environment (seeds then seed each trajectory's turns)."""
     r = recipe.rollout
-    groups = rollout.generate([prompt_ids[i] for i in rows_idx], seeds, n=r.n, temperature=r.temperature,
-                              top_p=r.top_p, max_tokens=r.max_tokens)
-    batch = flatten_groups(rows_idx, groups, prompt_ids)
+    n, temperature = n or r.n, r.temperature if temperature is None else temperature
+    if recipe.environment:
+        batch = generate_episodes(rollout, recipe, rows_idx, seeds, data, n=n, temperature=temperature)
+    else:
+        groups = rollout.generate([data.train_ids[i] for i in rows_idx], seeds, n=n, temperature=temperature,
+                                  top_p=r.top_p, max_tokens=r.max_tokens)
+        batch = flatten_groups(rows_idx, groups, data.train_ids)
     batch.stale_steps, batch.max_importance_weight = r.async_steps, r.max_importance_weight
     return batch
+
+
+def generate_episodes(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int], seeds: list[int], data: RunData,
+                      *, n: int, temperature: float, rows: list[dict] | None = None) -> RolloutBatch:
+    """Multi-turn rollouts (posttrain/rollout/multiturn.py): n environments per row, every live trajectory's next
+    turn in one batched engine call per round, observations appended as token ids (never re-tokenised)."""
+    from envs import make_env_group
+    from posttrain.rollout.multiturn import (ChatRenderer, MultiTurnLimits, batch_metrics, engine_generate_fn,
+                                             run_multiturn)
+    e, rows = recipe.environment, rows or data.train_rows
+    envs, traj_seeds, row_of, group_of = [], [], [], []
+    for gid, (i, seed) in enumerate(zip(rows_idx, seeds)):
+        envs += make_env_group(rows[i], n, e.name, e.kwargs)
+        traj_seeds += [int(np.random.SeedSequence([seed, s]).generate_state(1)[0] & 0x7FFFFFFF) for s in range(n)]
+        row_of += [i] * n
+        group_of += [gid] * n
+    limits = MultiTurnLimits(max_turns=e.max_turns, max_tokens_per_turn=e.max_tokens_per_turn,
+                             max_completion_tokens=e.max_completion_tokens, max_context_tokens=e.max_context_tokens,
+                             env_workers=e.env_workers)
+    generate = engine_generate_fn(rollout.generate, temperature=temperature, top_p=recipe.rollout.top_p)
+    trajectories = run_multiturn(envs, generate, ChatRenderer(data.tokenizer), traj_seeds, limits)
+    return RolloutBatch(
+        row_index=row_of, group_ids=torch.tensor(group_of), prompts=[t.prompt_ids for t in trajectories],
+        responses=[t.completion_ids for t in trajectories], sampling_logprobs=[t.logprobs for t in trajectories],
+        texts=[next((m["content"] for m in reversed(t.messages) if m["role"] == "assistant"), "")
+               for t in trajectories],
+        finish_reasons=["length" if t.end_reason not in (None, "done") else "stop" for t in trajectories],
+        loss_masks=[t.loss_mask for t in trajectories], env_rewards=[t.reward for t in trajectories],
+        env_metrics=batch_metrics(trajectories), trajectories=trajectories)
+
+
+def with_env_rewards(results: list[dict], env_rewards: list[float] | None) -> list[dict]:
+    """The environment's reward joins each sample's reward as the component `env` (added to the functions' sum)."""
+    if env_rewards is None:
+        return results
+    if not results:
+        results = [{"score": 0.0, "components": {}, "failures": []} for _ in env_rewards]
+    return [{**res, "score": res["score"] + reward, "components": {**res["components"], "env": reward}}
+            for res, reward in zip(results, env_rewards)]
 
 
 def flatten_groups(rows_idx: list[int], groups: list[list[dict]], prompt_ids: list[list[int]]) -> RolloutBatch:
@@ -236,17 +285,38 @@ def score_rewards(recipe: Recipe, reward_fns, samples: list[dict]) -> list[dict]
                        samples_per_task=r.samples_per_task)
 
 
-def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, data: RunData) -> dict[str, float]:
+def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, data: RunData, run_dir: str, step: int
+             ) -> dict[str, float]:
     """Held-out reward: eval_n samples per prompt at eval_temperature with fixed seeds (the same every time, so
-    evaluations differ only through the weights)."""
+    evaluations differ only through the weights). Multi-turn runs also dump a few trajectories as text."""
     r = recipe.rollout
     seeds = [sampling_seed(recipe.seed, 0, i, stream=1) for i in range(len(data.eval_rows))]
+    if recipe.environment:
+        batch = generate_episodes(rollout, recipe, list(range(len(data.eval_rows))), seeds, data, n=r.eval_n,
+                                  temperature=r.eval_temperature, rows=data.eval_rows)
+        dump_trajectories(run_dir, step, batch.trajectories[:recipe.environment.dump_trajectories], data.tokenizer)
+        pairs = [(data.eval_rows[i], text) for i, text in zip(batch.row_index, batch.texts)]
+        results = with_env_rewards(score_rewards(recipe, reward_fns, [reward_sample(row, t) for row, t in pairs]),
+                                   batch.env_rewards)
+        return {**reward_metrics(results, [row["data_source"] for row, _ in pairs], prefix="eval/reward"),
+                **{f"eval/{k}": v for k, v in batch.env_metrics.items()}}
     # vLLM clamps temperatures below 0.01; 0 means greedy there.
     groups = rollout.generate(data.eval_ids, seeds, n=r.eval_n, temperature=r.eval_temperature, top_p=1.0,
                               max_tokens=r.max_tokens)
     pairs = [(row, s["text"]) for row, group in zip(data.eval_rows, groups) for s in group]
     results = score_rewards(recipe, reward_fns, [reward_sample(row, text) for row, text in pairs])
     return reward_metrics(results, [row["data_source"] for row, _ in pairs], prefix="eval/reward")
+
+
+def dump_trajectories(run_dir: str, step: int, trajectories: list, tokenizer) -> None:
+    """RUN_DIR/trajectories/step_NNNNNN.txt: whole trajectories as text, loss-free spans inside ⟦ ⟧."""
+    if not trajectories:
+        return
+    from posttrain.rollout.multiturn import render_trajectory
+    folder = os.path.join(run_dir, "trajectories")
+    os.makedirs(folder, exist_ok=True)
+    text = "\n\n".join(render_trajectory(t, tokenizer) for t in trajectories)
+    ckpt.atomic_write_text(os.path.join(folder, f"step_{step:06d}.txt"), text + "\n")
 
 
 def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, canary_ids: list[int],

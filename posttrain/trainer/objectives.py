@@ -33,7 +33,8 @@ def _scatter_response_values(values: np.ndarray, prompts: list[list[int]], respo
 class PolicyGradientObjective:
     """GSPO / GRPO: `policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=, clip_high=)`.
 
-    arrays: old_logprobs [n,T] (π_old of each response token, 0-padded), advantages [n]."""
+    arrays: old_logprobs [n,T] (π_old of each response token, 0-padded), advantages [n], and for multi-turn
+    trajectories loss_mask [n,T] (1 on policy-sampled tokens: observations carry no loss)."""
     policy_loss: Callable
     clip_low: float
     clip_high: float
@@ -43,6 +44,8 @@ class PolicyGradientObjective:
 
         batch = pack_sequences(prompts, responses, rank.pad_id)
         mask = batch["response_mask"].to(rank.device)                                              # [n,L-1]
+        if "loss_mask" in arrays:
+            mask = mask * _scatter_response_values(arrays["loss_mask"], prompts, responses, mask)
         old = _scatter_response_values(arrays["old_logprobs"], prompts, responses, mask)           # [n,L-1]
         adv = torch.as_tensor(arrays["advantages"], dtype=torch.float32, device=rank.device)      # [n]
         return self.policy_loss(rank.logprobs(batch), old, adv, mask, clip_low=self.clip_low,
@@ -63,6 +66,9 @@ class MOPDObjective:
 
         chunk = rank.settings.logprob_chunk_size
         hidden, resp_ids, mask = rank.response_hidden(prompts, responses, arrays["cand_ids"].shape[1])
+        arrays = dict(arrays)
+        if "loss_mask" in arrays:   # multi-turn: the student is distilled on its own tokens only
+            mask = mask * torch.as_tensor(arrays.pop("loss_mask"), dtype=mask.dtype, device=mask.device)
         batch = MOPDBatch.from_arrays({**arrays, "mask": mask}, device=rank.device)
         cand_logprobs = chunked_logprobs_at(hidden, rank.lm_head_weight, batch.cand_ids, chunk)     # [n,T,k]
         sampled = (chunked_token_logprobs(hidden, rank.lm_head_weight, resp_ids, chunk)
