@@ -99,7 +99,8 @@ def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
         for step in range(STEPS):
             result["steps"].append(train_step(model, optimizer, step, rank, world))
             if step == 1:
-                save_sharded(os.path.join(workdir, f"ckpt_{mode}"), model, optimizer)
+                save_sharded(os.path.join(workdir, f"ckpt_{mode}"), model, optimizer,
+                             extra={"step": 2, "scheduler": {"last_epoch": 2, "lrs": [0.5, 0.25]}})
         result["final"] = gather_full_state_dict(model)
     if mode == "B":
         buckets = [[(name, t.dtype, t.numel() * t.element_size()) for name, t in bucket]
@@ -107,7 +108,8 @@ def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
         result["buckets"] = buckets
         save_hf_model(model, os.path.join(workdir, "final"), dtype=torch.float32)
         model, optimizer = fresh()
-        load_sharded(os.path.join(workdir, "ckpt_A"), model, optimizer)
+        result["extra"] = load_sharded(os.path.join(workdir, "ckpt_A"), model, optimizer,
+                                       extra={"step": 0, "scheduler": {"last_epoch": 0, "lrs": [0.0, 0.0]}})
         train_step(model, optimizer, 2, rank, world)
         result["resumed_from_1_rank"] = gather_full_state_dict(model)
     if mode == "C":
@@ -157,6 +159,8 @@ def test_dcp_checkpoint_reshards_between_one_and_two_ranks(runs):
     assert _max_diff(runs["B"]["resumed_from_1_rank"], runs["A"]["final"]) < 2e-5
     assert _max_diff(runs["C"]["resumed_from_2_ranks"], runs["B"]["final"]) < 2e-5
     assert runs["C"]["resume_step"]["loss"] == pytest.approx(runs["B"]["steps"][2]["loss"], rel=1e-5)
+    # small trainer state (LR schedule, step) rides along in the same checkpoint
+    assert runs["B"]["extra"] == {"step": 2, "scheduler": {"last_epoch": 2, "lrs": [0.5, 0.25]}}
 
 
 def test_weight_buckets_cover_every_hf_name_within_the_byte_bound(runs):
