@@ -468,8 +468,9 @@ def reward_metrics(results: list[dict], data_sources: list[str], prefix: str = "
             comp[name].append(v)
         for name, details in r.get("details", {}).items():
             for key, v in details.items():
-                if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                    numeric_details[f"{name}/{key}"].append(float(v))
+                number = _finite_float(v)
+                if number is not None:
+                    numeric_details[f"{name}/{key}"].append(number)
     for name, vals in sorted(comp.items()):
         out[f"{prefix}/component/{name}"] = sum(vals) / len(vals)
     for name, vals in sorted(numeric_details.items()):
@@ -479,6 +480,17 @@ def reward_metrics(results: list[dict], data_sources: list[str], prefix: str = "
         out[f"{prefix}/failures/{kind}"] = float(count)
     out[f"{prefix}/failures/total"] = float(sum(failures.values()))
     return out
+
+
+def _finite_float(value: Any) -> float | None:
+    """A detail as a metric: bools and finite numbers (10**400 and nan are not); None for anything else."""
+    if not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def failing_rewards(results: list[dict], max_failure_fraction: float = 0.5) -> list[dict]:

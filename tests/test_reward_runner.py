@@ -188,7 +188,7 @@ def test_prepare_hook_runs_once_on_the_driver_and_workers_get_its_kwargs(tmp_pat
 def test_reward_metrics_keys_and_numeric_details():
     results = [{"score": 1.0, "components": {"m": 1.0}, "failures": [], "details": {"m": {"len": 3, "x": "s"}}},
                {"score": 0.0, "components": {"m": 0.0}, "failures": ["timeout"],
-                "details": {"m": {"len": 5, "flag": True}}}]
+                "details": {"m": {"len": 5, "flag": True, "huge": 10 ** 400, "nan": float("nan")}}}]
     assert reward_metrics(results, ["a", "b"]) == {
         "reward/mean": 0.5, "reward/by_source/a": 1.0, "reward/by_source/b": 0.0, "reward/component/m": 0.5,
         "reward/detail/m/len": 4.0, "reward/detail/m/flag": 1.0, "reward/failures/timeout": 1.0,
