@@ -348,6 +348,16 @@ def score_stream(fns: list[RewardFn], samples: Iterable[dict], backend, *, timeo
         outcome[i][j] = result
         terms_left[i] -= 1
 
+    def charge(unit: _Unit, kind: str) -> None:
+        """The unit's worker died or was killed before reporting these samples. Results come back in batches,
+        so which of them it was running is not certain: a lone sample is charged, several are retried one per
+        unit, first in line (a sample reported done is never run again)."""
+        rest = unit.idx[unit.done:]
+        if len(rest) == 1:
+            record(rest[0], unit.j, RewardResult(0.0, {}, kind))
+        else:
+            units.extendleft((unit.j, [i]) for i in reversed(rest))
+
     while True:
         # Read samples until the queue can feed every free slot, then send partly filled units out rather than
         # leave a slot idle (or wait for a data source that may not come again).
@@ -384,16 +394,6 @@ def score_stream(fns: list[RewardFn], samples: Iterable[dict], backend, *, timeo
             in_flight[backend.submit(fns[j], items)] = _Unit(j, idx, 0, time.monotonic())
         if not in_flight:
             continue
-
-        def charge(unit: _Unit, kind: str) -> None:
-            """The unit's worker died or was killed before reporting these samples. Results come back in batches,
-            so which of them it was running is not certain: a lone sample is charged, several are retried one per
-            unit, first in line (a sample reported done is never run again)."""
-            rest = unit.idx[unit.done:]
-            if len(rest) == 1:
-                record(rest[0], unit.j, RewardResult(0.0, {}, kind))
-            else:
-                units.extendleft((unit.j, [i]) for i in reversed(rest))
 
         for handle, status, payload in backend.poll(list(in_flight), 0.05):
             unit = in_flight[handle]
