@@ -181,3 +181,20 @@ def test_hf_final_is_loadable_and_holds_the_trained_weights(runs):
     loaded = AutoModelForCausalLM.from_pretrained(os.path.join(runs["workdir"], "final"), dtype=torch.float32)
     assert type(loaded).__name__ == "Qwen3ForCausalLM"
     assert _max_diff(loaded.state_dict(), runs["B"]["final"]) == 0.0
+
+
+@pytest.mark.unit
+def test_bf16_stored_weights_with_bf16_compute_are_refused():
+    from posttrain.trainer.fsdp import shard_model
+
+    with pytest.raises(ValueError, match="load it in float32"):
+        shard_model(tiny_qwen3().to(torch.bfloat16), compute_dtype=torch.bfloat16)
+
+
+@pytest.mark.unit
+def test_loading_a_missing_checkpoint_names_the_directory(tmp_path):
+    from posttrain.trainer.dcp import load_sharded
+
+    model = tiny_qwen3()
+    with pytest.raises(FileNotFoundError, match="holds no DCP checkpoint"):
+        load_sharded(str(tmp_path / "nope"), model, torch.optim.AdamW(model.parameters()))

@@ -51,12 +51,12 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
     layers share one compiled graph; FSDP's hooks stay eager).
     Also switches the model to packed-sequence attention (packing.py) and registers the packed log-prob forward
     as an FSDP forward method. Returns the model (now an FSDPModule)."""
-    if mesh is None:
-        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     if model.dtype != torch.float32 and compute_dtype is not None:
         raise ValueError(f"the model's stored weights are {model.dtype}: load it in float32 so that the optimizer "
                          f"updates fp32 master weights (compute_dtype={compute_dtype} is used for the forward)")
+    if mesh is None:
+        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     model.config.use_cache = False
     use_varlen_attention(model)
     if activation_checkpointing:
