@@ -31,7 +31,6 @@ import concurrent.futures
 import dataclasses
 import inspect
 import json
-import os
 import re
 import sys
 import time
