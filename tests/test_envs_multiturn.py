@@ -99,6 +99,9 @@ def test_loss_mask_and_logprobs_on_exact_ids(tok):
     lp = lambda n: [-0.001 * (i + 1) for i in range(n)]   # noqa: E731
     assert traj.logprobs == lp(len(turn1)) + [0.0] * len(observation) + lp(len(turn2))
     assert len(traj.completion_ids) == len(traj.loss_mask) == len(traj.logprobs)
+    # per-turn credit: each turn's span in the completion and the reward the environment gave it
+    second = len(turn1) + len(observation)
+    assert traj.turn_spans == [(0, len(turn1)), (second, second + len(turn2))] and traj.turn_rewards == [0.0, 1.0]
 
 
 def test_turn_without_eos_gets_the_whole_end_of_turn(tok):
@@ -133,6 +136,7 @@ def test_limits_end_trajectories_with_a_reason(tok, limits, script, reason, turn
     assert traj.end_reason == reason
     if turns is not None:
         assert traj.num_turns == turns
+    assert len(traj.turn_rewards) == len(traj.turn_spans) == traj.num_turns
     assert len(traj.completion_ids) <= limits.max_completion_tokens
     assert len(traj.prompt_ids) + len(traj.completion_ids) <= limits.max_context_tokens
     assert all(b <= limits.max_tokens_per_turn for _, _, budgets in seen["calls"] for b in budgets)

@@ -105,7 +105,8 @@ class Trajectory:
     completion_ids: list[int] = dataclasses.field(default_factory=list)  # all turns after the prompt  [T]
     loss_mask: list[int] = dataclasses.field(default_factory=list)       # 1 = policy-sampled           [T]
     logprobs: list[float] = dataclasses.field(default_factory=list)      # sampling log-prob, 0 where mask 0 [T]
-    turn_rewards: list[float] = dataclasses.field(default_factory=list)  # one per env step
+    turn_rewards: list[float] = dataclasses.field(default_factory=list)  # one per assistant turn (0 if not stepped)
+    turn_spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # each turn's [start, end) in completion_ids
     num_turns: int = 0                    # assistant turns sampled
     tool_calls: int = 0
     errors: dict[str, int] = dataclasses.field(default_factory=dict)     # kind -> count
@@ -180,8 +181,10 @@ def run_multiturn(envs: Sequence, generate: GenerateFn, renderer: ChatRenderer, 
             for i, out in zip(live, outputs):
                 traj = trajectories[i]
                 ids = list(out["token_ids"])
+                traj.turn_spans.append((len(traj.completion_ids), len(traj.completion_ids) + len(ids)))
                 traj._append(ids, 1, out.get("logprobs") or [0.0] * len(ids))
                 traj.num_turns += 1
+                traj.turn_rewards.append(0.0)   # the environment's answer to this turn replaces it
                 text = renderer.tokenizer.decode(ids, skip_special_tokens=True)
                 traj.messages.append({"role": "assistant", "content": text})
                 if out.get("finish_reason") == "length":
@@ -224,7 +227,7 @@ def _absorb(traj: Trajectory, stepped, *, ids_of_turn: Sequence[int], renderer: 
         traj.messages.append({"role": "system", "content": f"(environment error: {crash[:300]})"})
         return
     info = result.info or {}
-    traj.turn_rewards.append(float(result.reward))
+    traj.turn_rewards[-1] = float(result.reward)
     traj.tool_calls += int(info.get("tool_calls", 0))
     for kind in info.get("errors", ()):
         traj.errors[kind] = traj.errors.get(kind, 0) + 1
@@ -298,7 +301,8 @@ def render_trajectory(traj: Trajectory, tokenizer) -> str:
 
 def trajectory_record(traj: Trajectory) -> dict[str, Any]:
     """A JSON-ready summary of one trajectory (for rollout dumps)."""
-    return {"reward": traj.reward, "turn_rewards": traj.turn_rewards, "num_turns": traj.num_turns,
+    return {"reward": traj.reward, "turn_rewards": traj.turn_rewards, "turn_spans": traj.turn_spans,
+            "num_turns": traj.num_turns,
             "tool_calls": traj.tool_calls, "errors": traj.errors, "end_reason": traj.end_reason,
             "messages": traj.messages, "prompt_tokens": len(traj.prompt_ids),
             "completion_tokens": len(traj.completion_ids), "policy_tokens": sum(traj.loss_mask)}
