@@ -198,3 +198,17 @@ def test_truncation_metrics(tok):
 
 def test_seeds_differ_per_turn_and_are_reproducible():
     assert turn_seed(5, 0) != turn_seed(5, 1) and turn_seed(5, 1) == turn_seed(5, 1) != turn_seed(6, 1)
+
+
+def test_engine_generate_fn_groups_by_budget_and_keeps_order():
+    from posttrain.rollout.multiturn import engine_generate_fn
+    calls = []
+
+    def engine_generate(prompts, *, seeds, n, temperature, top_p, max_tokens):   # RolloutEngine.generate's shape
+        calls.append((prompts, seeds, n, max_tokens))
+        return [[{"token_ids": [p[0], max_tokens], "logprobs": [-0.5, -0.5], "finish_reason": "stop"}]
+                for p in prompts]
+    generate = engine_generate_fn(engine_generate, temperature=0.7, top_p=0.9)
+    outs = generate([[1], [2], [3]], [10, 20, 30], [8, 4, 8])
+    assert [o["token_ids"] for o in outs] == [[1, 8], [2, 4], [3, 8]]
+    assert sorted((c[3], c[1]) for c in calls) == [(4, [20]), (8, [10, 30])] and all(c[2] == 1 for c in calls)
