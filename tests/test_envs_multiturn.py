@@ -116,11 +116,29 @@ def test_turn_without_eos_gets_the_whole_end_of_turn(tok):
     assert tok.decode(with_eos).startswith("\n<|im_start|>user\n<tool_response>")
 
 
-def test_template_that_rewrites_history_is_refused(tok):
-    # A template whose rendering of earlier turns depends on what follows cannot be extended by appending ids.
-    odd = ("{% for m in messages %}{{ m['role'] + (':last' if loop.last else '') + m['content'] }}{% endfor %}"
-           "{% if add_generation_prompt %}A:{% endif %}")
-    with pytest.raises(TemplateError, match="only appends"):
+# Qwen3's way with the last assistant turn: an empty <think></think> block is rendered only while it is the last
+# message, so the conversation's text before the turn's content changes once an observation follows.
+QWEN3_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% if loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}"
+    "{% elif m['role'] == 'tool' %}{{ '<|im_start|>user\n<tool_response>\n' + m['content'] + "
+    "'\n</tool_response><|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_suffix_ignores_what_the_template_renders_before_the_turn(tok):
+    renderer = ChatRenderer(tok, chat_template=QWEN3_LIKE)
+    turn = tok(call("mul", a=1, b=2), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    suffix = renderer.observation_ids(QUESTION, [], [{"role": "tool", "content": "2"}], turn)
+    assert tok.decode(suffix) == "\n<|im_start|>user\n<tool_response>\n2\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_whose_turn_ending_depends_on_what_follows_is_refused(tok):
+    # If the end of a turn changes once something follows, the ids already sampled could not be extended.
+    odd = ("{% for m in messages %}{{ m['role'] + ':' + m['content'] + ('.' if loop.last else '|') }}{% endfor %}"
+           "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(TemplateError, match="does not depend on what follows"):
         ChatRenderer(tok, chat_template=odd).observation_ids(QUESTION, [], [{"role": "tool", "content": "x"}], [])
 
 

@@ -10,12 +10,13 @@ policy sampled (BPE merges differ), and the trainer would then score tokens the 
 The observation's ids (the template-suffix rule). With the assistant's content replaced by a sentinel S,
     before = render([*history, assistant(S)])                               # ends "S<|im_end|>\\n" (Qwen)
     after  = render([*history, assistant(S), *observation], add_generation_prompt=True)
-the text the template puts after an assistant turn is `before` after S ("<|im_end|>\\n"), and the observation's
-own text is `after[len(before):]`. The policy's turn already ends with the stop token (<|im_end|>) when it
-finished normally, so that token's text is dropped from the front and the rest is appended — the turn separator
-"\\n" is kept. A turn that stopped without it (a stop string) gets the whole end-of-turn text. The
-concatenation then equals the template's full rendering whenever the policy's text re-tokenises to its ids
-(tests/test_envs_multiturn.py checks both).
+the text appended is what `after` has after S: the end of the turn ("<|im_end|>\\n", checked to be the same as
+in `before`, i.e. not dependent on what follows), the observation and the next generation prompt. The policy's
+turn already ends with the stop token (<|im_end|>) when it finished normally, so that token's text is dropped
+from the front — the turn separator "\\n" is kept. A turn that stopped without it (a stop string) gets the whole
+end of turn. Whatever the template renders BEFORE S is ignored (Qwen3 renders an empty think block only in the
+last assistant turn). The concatenation then equals the template's full rendering whenever the policy's text
+re-tokenises to its ids and the template does not rewrite history (tests/test_envs_multiturn.py checks both).
 
 `generate(prompts_token_ids, seeds, max_tokens_per_prompt) -> [{token_ids, logprobs, finish_reason}]` is any
 batched engine call (`engine_generate_fn` adapts RolloutEngine.generate / RolloutGroup.generate). Limits:
@@ -69,13 +70,20 @@ class ChatRenderer:
         assistant = {"role": "assistant", "content": _SENTINEL}
         before = self.render([*history, assistant], tools, add_generation_prompt=False)
         after = self.render([*history, assistant, *observation], tools, add_generation_prompt=True)
-        if not after.startswith(before) or _SENTINEL not in before:
-            raise TemplateError("the chat template does not render [..., assistant, observation] as an extension "
-                                "of [..., assistant]; multi-turn rollouts need a template that only appends")
+        if _SENTINEL not in before or _SENTINEL not in after:
+            raise TemplateError("the chat template does not render an assistant message's content verbatim")
+        # Only what follows the turn's content matters: templates may render earlier parts differently once more
+        # follows (Qwen3 drops the empty <think></think> of a turn that is no longer the last), and those ids are
+        # already sampled and never re-rendered.
         end_of_turn = before[before.rindex(_SENTINEL) + len(_SENTINEL):]
-        if turn_ended_with and end_of_turn.startswith(turn_ended_with):
-            end_of_turn = end_of_turn[len(turn_ended_with):]
-        return end_of_turn + after[len(before):]
+        rest = after[after.rindex(_SENTINEL) + len(_SENTINEL):]
+        if not rest.startswith(end_of_turn):
+            raise TemplateError(f"the chat template ends an assistant turn with {end_of_turn!r} when it is last but "
+                                f"not when an observation follows ({rest[:len(end_of_turn) + 20]!r}); multi-turn "
+                                "rollouts need a turn's ending that does not depend on what follows")
+        if turn_ended_with and rest.startswith(turn_ended_with):
+            rest = rest[len(turn_ended_with):]
+        return rest
 
     def observation_ids(self, history: list[dict], tools: list[dict] | None, observation: list[dict],
                         turn_ids: Sequence[int]) -> list[int]:
