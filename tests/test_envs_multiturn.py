@@ -230,3 +230,26 @@ def test_engine_generate_fn_groups_by_budget_and_keeps_order():
     outs = generate([[1], [2], [3]], [10, 20, 30], [8, 4, 8])
     assert [o["token_ids"] for o in outs] == [[1, 8], [2, 4], [3, 8]]
     assert sorted((c[3], c[1]) for c in calls) == [(4, [20]), (8, [10, 30])] and all(c[2] == 1 for c in calls)
+
+
+def test_qwen3_family_template_shipped_with_vllm(tok):
+    # vLLM ships MiniCPM-V 4.5's chat template: Qwen3's, tools and think blocks included. Its generation prompt
+    # holds an empty think block (enable_thinking false), and the last assistant turn's own think block vanishes
+    # once an observation follows: the suffix is still exactly the observation and the next prompt.
+    import importlib.util
+    import os
+    path = os.path.join(importlib.util.find_spec("vllm").submodule_search_locations[0],
+                        "transformers_utils", "chat_templates", "template_minicpmv45.jinja")
+    if not os.path.exists(path):
+        pytest.skip(f"this vLLM version does not ship {path}")
+    renderer = ChatRenderer(tok, chat_template=open(path).read())
+    tools = [Calculator.mul.schema()]
+    turns = [call("mul", a=4821, b=617), "Answer: 2974557"]
+    generate, _ = scripted_generate(tok, {4: turns})
+    (traj,) = run_multiturn([Calculator({"prompt": QUESTION})], generate, renderer, seeds=[4])
+    assert traj.end_reason == "done" and traj.reward == 1.0 and traj.tools == tools
+    first_turn_end = traj.turn_spans[0][1]
+    observation = tok.decode(traj.completion_ids[first_turn_end:traj.turn_spans[1][0]])
+    assert observation == ("\n<|im_start|>user\n<tool_response>\n2974557\n</tool_response><|im_end|>\n"
+                           "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(traj.prompt_ids).startswith("<|im_start|>system\n# Tools\n")
