@@ -147,6 +147,7 @@ class TrainerGroup:
         from posttrain.trainer.worker import TrainerWorker, trainer_settings
 
         t = recipe.trainer
+        self.fsdp = t.fsdp
         settings = trainer_settings(recipe, objective)
         self.ranks = [TrainerWorker.options(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker).remote(
             rank, t.num_workers, settings) for rank in range(t.num_workers)]
@@ -181,6 +182,15 @@ class TrainerGroup:
                                          {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return ray.get(refs)[0]
+
+    def weights(self) -> list:
+        """The full weights (HF names → CPU tensors) for the engines, from rank 0; with trainer.fsdp every rank
+        takes part in gathering them from the shards."""
+        return self.call_collective("named_weights")
+
+    def call_collective(self, method: str, *args):
+        """Rank 0's result of a method that, with sharded weights, every rank must run (it all-gathers)."""
+        return self.call_all(method, *args)[0] if self.fsdp else self.call_rank0(method, *args)
 
     def call_all(self, method: str, *args) -> list:
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])

@@ -143,7 +143,7 @@ def test_the_canary_fails_on_nan():
     from posttrain.loops.run import StaleWeightsError, check_canary
 
     class Trainer:
-        def call_rank0(self, method, ids):
+        def call_collective(self, method, ids):
             return [-1.0, -2.0]
 
     class Rollout:

@@ -150,7 +150,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
                 f"(reward/ metrics) and the learning rate. The latest checkpoint is intact.")
         # 4. weight sync + canary -----------------------------------------------------------------------------
         with timer.span("sync"):
-            engine_load_s = rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), step)
+            engine_load_s = rollout.update_weights(ray.put(trainer.weights()), step)
             canary_diff = check_canary(recipe, trainer, rollout, canary_ids, step)
         # 5. metrics ------------------------------------------------------------------------------------------
         n_tokens = sum(len(x) for x in batch.responses)
@@ -323,7 +323,7 @@ def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, c
                  step: int) -> float:
     """Stale-weights canary: engine and trainer log-probs of a fixed sequence must agree after every sync.
     A NaN anywhere fails it (NaN compares false with everything, so the test is `not diff <= tolerance`)."""
-    reference = np.array(trainer.call_rank0("canary_logprobs", canary_ids))
+    reference = np.array(trainer.call_collective("canary_logprobs", canary_ids))
     worst = 0.0
     for w, engine_lp in enumerate(rollout.canary(canary_ids)):
         diff = float(np.max(np.abs(np.array(engine_lp) - reference)))
@@ -373,7 +373,7 @@ def finish_run(recipe: Recipe, run_dir: str, trainer: TrainerGroup, metrics_log:
     after. Returns (summary, all metrics records)."""
     final_dir = os.path.join(run_dir, "final")
     partial = os.path.join(run_dir, f".final.tmp-{os.getpid()}")
-    trainer.call_rank0("save_hf", partial)
+    trainer.call_collective("save_hf", partial)
     ckpt.replace_dir(partial, final_dir)
     trainer.call_all("shutdown")
     records = read_metrics(metrics_log.path)
@@ -397,7 +397,7 @@ def restore_state(recipe: Recipe, resume_from: str | None, trainer: TrainerGroup
     cursor.load_state_dict(state["cursor"])
     start_step = state["step"]
     metrics_log.truncate_after(start_step)
-    rollout.update_weights(ray.put(trainer.call_rank0("named_weights")), start_step)
+    rollout.update_weights(ray.put(trainer.weights()), start_step)
     check_canary(recipe, trainer, rollout, canary_ids, start_step)
     return start_step
 

@@ -51,6 +51,24 @@ class PolicyGradientObjective:
         return self.policy_loss(rank.logprobs(batch), old, adv, mask, clip_low=self.clip_low,
                                 clip_high=self.clip_high)
 
+    def packed_loss(self, rank, micro_batch, arrays):
+        """The same loss on one packed row (FSDP mode): per-sequence log-probs padded to [S,T] in packed order;
+        `arrays` are already in that order. Each sequence still counts once."""
+        from posttrain.trainer.packing import pad_per_sequence
+
+        lengths = micro_batch.response_lengths
+        flat = torch.cat(rank.packed_logprobs(micro_batch))                                        # [R]
+        if not lengths:   # a dummy row that keeps FSDP's collectives in step: zero loss, zero gradients
+            return flat.sum() * 0.0, {}
+        logprobs, mask = pad_per_sequence(flat, lengths)                                           # [S,T]
+        T = logprobs.shape[1]
+        old = torch.as_tensor(arrays["old_logprobs"][:, :T], dtype=torch.float32, device=rank.device)
+        if "loss_mask" in arrays:
+            mask = mask * torch.as_tensor(arrays["loss_mask"][:, :T], dtype=mask.dtype, device=mask.device)
+        adv = torch.as_tensor(arrays["advantages"], dtype=torch.float32, device=rank.device)
+        return self.policy_loss(logprobs, old, adv, mask.to(logprobs.device), clip_low=self.clip_low,
+                                clip_high=self.clip_high)
+
 
 @dataclasses.dataclass(frozen=True)
 class MOPDObjective:

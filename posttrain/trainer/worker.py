@@ -51,6 +51,10 @@ class TrainerSettings:
     logprob_chunk_size: int
     optimizer: OptimizerSettings
     objective: Any          # the algorithm's loss: posttrain.trainer.objectives
+    fsdp: bool = False      # FSDP2 sharding, fp32 masters, packed micro-batches (posttrain/trainer/fsdp.py)
+    token_budget: int = 16384
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
 
 
 def trainer_settings(recipe, objective) -> TrainerSettings:
@@ -61,7 +65,8 @@ def trainer_settings(recipe, objective) -> TrainerSettings:
         backend=t.backend, torch_threads=t.torch_threads, micro_batch_size=t.micro_batch_size,
         reserved_cpus=(recipe.rollout.num_workers * recipe.rollout.cpus_per_worker if recipe.rollout.async_steps
                        else 0.0),
-        logprob_chunk_size=t.logprob_chunk_size, objective=objective,
+        logprob_chunk_size=t.logprob_chunk_size, objective=objective, fsdp=t.fsdp, token_budget=t.token_budget,
+        activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload,
         optimizer=OptimizerSettings(
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
             max_grad_norm=opt.max_grad_norm, schedule=opt.schedule, warmup_steps=opt.warmup_steps,
@@ -120,11 +125,21 @@ class TrainerRank:
 
         torch.manual_seed(s.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(self.device)
-        self.model.config.use_cache = False
         opt = s.optimizer
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                           weight_decay=opt.weight_decay)
+        if s.fsdp:
+            from posttrain.trainer.fsdp import build_optimizer, shard_model
+
+            # fp32 master weights (and AdamW state); model.dtype is the compute dtype of the gathered copies.
+            self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=torch.float32).to(self.device)
+            shard_model(self.model, compute_dtype=None if s.dtype == "float32" else _DTYPES[s.dtype],
+                        activation_checkpointing=s.activation_checkpointing, cpu_offload=s.cpu_offload)
+            self.optimizer = build_optimizer(self.model, lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                             weight_decay=opt.weight_decay)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(self.device)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                               weight_decay=opt.weight_decay)
+        self.model.config.use_cache = False
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, opt.total_steps, opt.min_lr_ratio))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -160,10 +175,34 @@ class TrainerRank:
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
 
+    def packed_micro_batches(self, prompts: list[list[int]], responses: list[list[int]]):
+        """FSDP mode: this rank's sequences packed into token-budget rows; every rank runs the same number of
+        passes (FSDP's collectives must stay in step), padding with one-token dummies."""
+        from posttrain.trainer.packing import agree_micro_batch_count, pack_batch, plan_micro_batches
+
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        count = agree_micro_batch_count(len(plan_micro_batches(lengths, self.settings.token_budget)),
+                                        device="cuda" if self.device.type == "cuda" else "cpu")
+        return pack_batch(prompts, responses, self.settings.token_budget, min_micro_batches=count)
+
+    def packed_logprobs(self, micro_batch) -> list[torch.Tensor]:
+        """log πθ of each packed sequence's response tokens (differentiable), in packed order."""
+        from posttrain.trainer.packing import packed_response_logprobs
+        flat = packed_response_logprobs(self.model, micro_batch, self.settings.logprob_chunk_size)
+        # A dummy row (no sequences) still ran the forward, so FSDP's collectives stayed in step; its [0] output
+        # is kept so that a loss of 0·Σ still runs the backward's collectives too.
+        return list(flat.split(micro_batch.response_lengths)) if micro_batch.response_lengths else [flat]
+
     @torch.no_grad()
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         """π_old: the trainer's own log-probs of each response token under the current weights."""
         self.model.eval()
+        if self.settings.fsdp:
+            out_by_index: dict[int, list[float]] = {}
+            for micro_batch in self.packed_micro_batches(prompts, responses):
+                for i, lp in zip(micro_batch.sequence_indices, self.packed_logprobs(micro_batch)):
+                    out_by_index[i] = lp.float().cpu().tolist()
+            return [out_by_index[i] for i in range(len(prompts))]
         out: list[list[float]] = []
         mb = self.settings.micro_batch_size
         for s in range(0, len(prompts), mb):
@@ -203,13 +242,22 @@ class TrainerRank:
         mb = self.settings.micro_batch_size
         metrics_sum: dict[str, float] = {}
         n_micro = 0
-        for s in range(0, len(prompts), mb):
-            part = {k: v[s:s + mb] for k, v in arrays.items()}
-            loss, metrics = self.objective.loss(self, prompts[s:s + mb], responses[s:s + mb], part)
-            (loss * (len(prompts[s:s + mb]) / global_batch_size)).backward()
+        if self.settings.fsdp:   # packed token-budget micro-batches (the objective's packed_loss)
+            parts = [(micro_batch.sequence_indices, micro_batch)
+                     for micro_batch in self.packed_micro_batches(prompts, responses)]
+        else:
+            parts = [(list(range(s, min(s + mb, len(prompts)))), None) for s in range(0, len(prompts), mb)]
+        for idx, micro_batch in parts:
+            part = {k: v[idx] for k, v in arrays.items()}
+            if micro_batch is not None:
+                loss, metrics = self.objective.packed_loss(self, micro_batch, part)
+            else:
+                loss, metrics = self.objective.loss(self, [prompts[i] for i in idx], [responses[i] for i in idx],
+                                                    part)
+            (loss * (len(idx) / global_batch_size)).backward()
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v
-            n_micro += 1
+            n_micro += bool(metrics)
         out = {k: v / max(n_micro, 1) for k, v in metrics_sum.items()}
         out.update(self.optimizer_step())
         return out
@@ -222,11 +270,15 @@ class TrainerRank:
         state and the schedule stay as they were, and `loss/nonfinite_skipped` = 1 tells the driver, which
         stops the run after a few such steps in a row. The norm is computed after the all-reduce, so every
         rank takes the same decision."""
-        if self.world_size > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optimizer.max_grad_norm)
+        if self.settings.fsdp:      # FSDP already summed the gradients (reduce-scatter) in backward
+            from posttrain.trainer.fsdp import clip_grad_norm
+            grad_norm = torch.tensor(clip_grad_norm(self.model, self.settings.optimizer.max_grad_norm))
+        else:
+            if self.world_size > 1:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optimizer.max_grad_norm)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -239,12 +291,24 @@ class TrainerRank:
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Hugging Face names → CPU tensors for the rollout engines. Tied weights are sent under *both* names:
         vLLM's CPU backend repacks `lm_head` separately after loading, and a sync that skips it leaves the engine
-        sampling from the old head (the canary caught exactly this: 1.46 nats of drift)."""
+        sampling from the old head (the canary caught exactly this: 1.46 nats of drift).
+
+        FSDP mode: gathered parameter by parameter from the shards in buckets (bounded memory; a collective, so
+        every rank calls it and rank 0 returns the weights), cast to the engines' dtype."""
+        if self.settings.fsdp:
+            from posttrain.trainer.weight_sync import iter_weight_buckets
+            named = [pair for bucket in iter_weight_buckets(self.model, 256 << 20, dtype=_DTYPES[self.settings.dtype])
+                     for pair in bucket]
+            return named if self.rank == 0 else []
         return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in self.model.state_dict().items()]
 
     @torch.no_grad()
     def canary_logprobs(self, token_ids: list[int]) -> list[float]:
         self.model.eval()
+        if self.settings.fsdp:    # every rank runs it (the forward all-gathers the shards)
+            from posttrain.trainer.packing import pack_micro_batch
+            micro_batch = pack_micro_batch([token_ids[:1]], [token_ids[1:]], [0])
+            return self.packed_logprobs(micro_batch)[0].float().cpu().tolist()
         batch = pack_sequences([token_ids[:1]], [token_ids[1:]], self.pad_id)
         return self.logprobs(batch)[0].float().cpu().tolist()
 
@@ -252,9 +316,15 @@ class TrainerRank:
         return float(sum(p.detach().double().abs().sum() for p in self.model.parameters()))
 
     def save_state(self, directory: str) -> None:
-        """Weights (HF safetensors), optimizer, LR schedule and RNG states of this rank."""
+        """Weights (HF safetensors), optimizer, LR schedule and RNG states of this rank. FSDP mode: every rank
+        writes its shards of the weights and AdamW state (torch.distributed.checkpoint: reshardable on load)."""
         os.makedirs(directory, exist_ok=True)
-        if self.rank == 0:
+        if self.settings.fsdp:
+            from posttrain.trainer.dcp import save_sharded
+            save_sharded(os.path.join(directory, "sharded"), self.model, self.optimizer)
+            if self.rank == 0:
+                torch.save({"scheduler": self.scheduler.state_dict()}, os.path.join(directory, "scheduler.pt"))
+        elif self.rank == 0:
             self.model.save_pretrained(os.path.join(directory, "model"), safe_serialization=True)
             self.tokenizer.save_pretrained(os.path.join(directory, "model"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -268,6 +338,15 @@ class TrainerRank:
     def load_state(self, directory: str) -> None:
         from safetensors.torch import load_file
 
+        if self.settings.fsdp:
+            from posttrain.trainer.dcp import load_sharded
+            if not os.path.isdir(os.path.join(directory, "sharded")):
+                raise RuntimeError(f"checkpoint {directory} was written without trainer.fsdp (no sharded/ folder); "
+                                   "resume it with trainer.fsdp: false")
+            load_sharded(os.path.join(directory, "sharded"), self.model, self.optimizer)
+            self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"))["scheduler"])
+            self._load_rng(directory)
+            return
         state = load_file(os.path.join(directory, "model", "model.safetensors"))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (m == "lm_head.weight" and self.model.config.tie_word_embeddings)]
@@ -279,6 +358,9 @@ class TrainerRank:
         opt = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+        self._load_rng(directory)
+
+    def _load_rng(self, directory: str) -> None:
         rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng_path):  # a resume on more ranks than saved starts the extra ranks fresh
             rng = torch.load(rng_path, weights_only=False)
@@ -287,6 +369,10 @@ class TrainerRank:
             random.setstate(rng["python"])
 
     def save_hf(self, directory: str) -> None:
+        if self.settings.fsdp:   # a collective: the full weights are gathered to rank 0, which writes them
+            from posttrain.trainer.dcp import save_hf_model
+            save_hf_model(self.model, directory, dtype=_DTYPES[self.settings.dtype], tokenizer=self.tokenizer)
+            return
         if self.rank == 0:
             self.model.save_pretrained(directory, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
