@@ -163,6 +163,9 @@ class EnvironmentConfig(_Strict):
                              "only its own trajectory).")
     dump_trajectories: int = Field(4, ge=0, description="Held-out trajectories written as text (masked spans "
                                    "marked) to RUN_DIR/trajectories/ at every evaluation.")
+    chat_template: Optional[str] = Field(None, description="Chat template that renders tools and tool messages, when "
+                                         "the model's own does not: a .jinja file, or `toy` (the toy models' tool "
+                                         "template). None: the tokenizer's.")
 
 
 class CheckpointConfig(_Strict):

@@ -243,7 +243,8 @@ def generate_episodes(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int]
                              max_completion_tokens=e.max_completion_tokens, max_context_tokens=e.max_context_tokens,
                              env_workers=e.env_workers)
     generate = engine_generate_fn(rollout.generate, temperature=temperature, top_p=recipe.rollout.top_p)
-    trajectories = run_multiturn(envs, generate, ChatRenderer(data.tokenizer), traj_seeds, limits)
+    trajectories = run_multiturn(envs, generate, ChatRenderer(data.tokenizer, chat_template_of(e)), traj_seeds,
+                                 limits)
     return RolloutBatch(
         row_index=row_of, group_ids=torch.tensor(group_of), prompts=[t.prompt_ids for t in trajectories],
         responses=[t.completion_ids for t in trajectories], sampling_logprobs=[t.logprobs for t in trajectories],
@@ -252,6 +253,17 @@ def generate_episodes(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int]
         finish_reasons=["length" if t.end_reason not in (None, "done") else "stop" for t in trajectories],
         loss_masks=[t.loss_mask for t in trajectories], env_rewards=[t.reward for t in trajectories],
         env_metrics=batch_metrics(trajectories), trajectories=trajectories)
+
+
+def chat_template_of(environment) -> str | None:
+    """The environment's chat template: None (the tokenizer's), `toy`, or the text of a .jinja file."""
+    if environment.chat_template is None:
+        return None
+    if environment.chat_template == "toy":
+        from posttrain.toy.build import CHAT_TEMPLATE
+        return CHAT_TEMPLATE
+    with open(environment.chat_template) as f:
+        return f.read()
 
 
 def with_env_rewards(results: list[dict], env_rewards: list[float] | None) -> list[dict]:
