@@ -41,7 +41,7 @@ TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.*", "transformers==5.19.0", "dataset
 # token), so answers run ~113 tokens on average, most of them the full 128, on both sides alike; its rewards are all
 # 0 (advantages 0), which changes no work: the update's forward, backward and optimizer steps still run.
 SHAPES = {"quickstart": ("recipes/bench/quickstart-shape.yaml", 6, []),
-          "rollout-heavy": ("recipes/bench/quickstart-shape.yaml", 4,
+          "rollout-heavy": ("recipes/bench/quickstart-shape.yaml", 3,
                             ["model.path=runs/bench/toy-4x256", "rollout.max_tokens=128"])}
 BUILD_COMMANDS = {"runs/bench/toy-4x256": ["-m", "posttrain.cli", "toy", "build", "--out", "runs/bench/toy-4x256",
                                            "--domains", "add", "--sft-steps", "0", "--layers", "4",
