@@ -286,7 +286,8 @@ def _cmd_toy_vl(args) -> int:
     domains = args.domains.split(",")
     if args.toy_cmd == "build-vl":
         info = toy.build_toy_vl(args.out, domains=domains, sft_steps=args.sft_steps, sft_rows=args.sft_rows,
-                                habit_rate=args.habit_rate, seed=args.seed, lr=args.lr, device=args.device)
+                                habit_rate=args.habit_rate, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+                                device=args.device)
         print(json.dumps(info))
         return 0
     for domain in domains:
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sft-rows", type=int, default=4000)
     v.add_argument("--habit-rate", type=float, default=0.5)
     v.add_argument("--lr", type=float, default=3e-3)
+    v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
     vd = toy.add_parser("data-vl", help="write OUT_DIR/vl-DOMAIN/{train,eval}.jsonl and their images/videos")

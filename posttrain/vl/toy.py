@@ -339,7 +339,7 @@ def vl_supervised_warmup(model, processor, examples: list[VisualExample], *, ste
 
 def build_toy_vl(out_dir: str, *, domains: list[str] = tuple(VL_DOMAINS), sft_steps: int = 600,
                  sft_rows: int = 4000, habit_rate: float = 0.5, seed: int = 0, lr: float = 3e-3,
-                 batch_size: int = 32, device: str = "cpu") -> dict:
+                 batch_size: int = 64, device: str = "cpu") -> dict:
     """Tokenizer + processor + Qwen3-VL model + supervised warm-up on the visual domains, saved as one Hugging
     Face folder (transformers and vLLM load it). In a fraction `habit_rate` of the demonstrations where the
     domain's bad habit applies, the demonstrated answer is the habit's (xywh for corners, a circle missed, the
