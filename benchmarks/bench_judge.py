@@ -33,7 +33,7 @@ WORDS = ("a person walks to the left of the frame while the camera pans slowly a
 
 
 def build_tiny_judge(path: str) -> None:
-    """posttrain.toy.build.build_random_chat_model (as tests/test_judge_vllm.py) on caption-like text."""
+    """posttrain.toy.build.build_random_chat_model (as tests/rewards/test_judge_vllm.py) on caption-like text."""
     from posttrain.toy.build import build_random_chat_model
 
     rng = random.Random(0)

@@ -17,7 +17,7 @@ compile time + 10 s); transport errors, HTTP 429/5xx and "SandboxError" answers 
 `retries` times with exponential backoff; anything still failing becomes a zero with failure
 "sandbox_error" — it never raises into the training loop and never hangs it.
 
-No SandboxFusion server can run on the machine this was built on; tests/test_sandboxfusion.py tests
+No SandboxFusion server can run on the machine this was built on; tests/rewards/test_sandboxfusion.py tests
 the client against a small local HTTP server of its own that speaks the same /run_code API.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ and the loss keeps ONE TERM PER CANDIDATE:
     L = −(1/N) Σ_i (1/|M_i|) Σ_{t∈M_i} w_i,t Σ_{v∈Ω} a_t(v) · ρ_t(v),   ρ = exp(log πθ(v) − log π_old(v))
 
 At θ = θ_old its gradient is the generalised KL on Ω divided by the detached student mass on Ω, so its only
-stationary point is πθ = π_T on Ω (tests/test_mopd_math.py checks this identity).
+stationary point is πθ = π_T on Ω (tests/algorithms/test_mopd_math.py checks this identity).
 
 How it differs from the Keye-VL-2.0 report. The report writes a state-only advantage Â_t = Σ_v a_t(v)
 multiplied by ∇log πθ(y_t) of the sampled token; since E_{y~π}[∇log π(y)] = 0 that gradient has zero mean

@@ -16,7 +16,7 @@ turn already ends with the stop token (<|im_end|>) when it finished normally, so
 from the front — the turn separator "\\n" is kept. A turn that stopped without it (a stop string) gets the whole
 end of turn. Whatever the template renders BEFORE S is ignored (Qwen3 renders an empty think block only in the
 last assistant turn). The concatenation then equals the template's full rendering whenever the policy's text
-re-tokenises to its ids and the template does not rewrite history (tests/test_envs_multiturn.py checks both).
+re-tokenises to its ids and the template does not rewrite history (tests/envs/test_envs_multiturn.py checks both).
 
 `generate(prompts_token_ids, seeds, max_tokens_per_prompt) -> [{token_ids, logprobs, finish_reason}]` is any
 batched engine call (`engine_generate_fn` adapts RolloutEngine.generate / RolloutGroup.generate). Limits:

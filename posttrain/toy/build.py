@@ -30,7 +30,7 @@ PLAIN_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# What newly built toy models get: the same text for prompts without tools (tests/test_envs_toy.py checks it), and
+# What newly built toy models get: the same text for prompts without tools (tests/envs/test_envs_domains.py checks it), and
 # Qwen3's conventions for tools: the offered tools listed in a system turn (compactly, `name(args): description`,
 # for a 1024-position model), calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call> in the assistant's
 # text (or given as OpenAI `tool_calls`), results as `tool` messages rendered as <tool_response> blocks inside

@@ -1,6 +1,6 @@
 """FROZEN copies of the loss and log-prob functions as they were before the MOPD loss was split into terms
-(posttrain/algorithms/{mopd,gspo,logprobs}.py at commit 5280457). Test oracles only: tests/test_mopd_math.py,
-tests/test_gspo.py and tests/test_topk.py check that the new compositions give bitwise the same losses and
+(posttrain/algorithms/{mopd,gspo,logprobs}.py at commit 5280457). Test oracles only: tests/algorithms/test_mopd_math.py,
+tests/algorithms/test_gspo.py and tests/algorithms/test_topk.py check that the new compositions give bitwise the same losses and
 gradients. Do not edit (the point is that they do not change); delete once nothing compares against them.
 """
 # flake8: noqa

@@ -110,7 +110,7 @@ def test_shape_errors_are_clear():
 @pytest.mark.parametrize("per_token_advantages", [False, True])
 def test_gspo_loss_from_its_pieces_is_bitwise_the_pre_split_function(dtype, per_token_advantages):
     # gspo_loss is now sequence_mean(gspo_token_loss(...)) (the pieces MOPD's RL mix reuses): same bits as before.
-    from tests.frozen_pre_split import old_gspo_loss
+    from tests.algorithms.frozen_pre_split import old_gspo_loss
 
     gen = torch.Generator().manual_seed(3)
     old = -3 * torch.rand(6, 8, generator=gen, dtype=dtype)

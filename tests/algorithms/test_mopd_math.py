@@ -456,7 +456,7 @@ def _loss_and_grads(fn, inputs, options):
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("options", list(_OPTION_SETS), ids=list(_OPTION_SETS))
 def test_split_mopd_loss_is_bitwise_the_pre_split_function(options, dtype):
-    from tests.frozen_pre_split import old_mopd_loss
+    from tests.algorithms.frozen_pre_split import old_mopd_loss
 
     for seed in range(3):
         inputs = _random_batch(dtype, seed=seed)
@@ -497,7 +497,7 @@ def test_mopd_objective_with_batch_and_settings_is_the_flat_call():
 
 
 def test_keye_literal_form_is_bitwise_the_pre_split_ablation():
-    from tests.frozen_pre_split import old_keye_literal_loss
+    from tests.algorithms.frozen_pre_split import old_keye_literal_loss
 
     inputs = _random_batch(torch.float32, seed=2)
     results = []

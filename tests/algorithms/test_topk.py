@@ -177,7 +177,7 @@ def test_sequence_token_logprobs_runs_on_the_one_chunked_kernel(tie):
     trained) they are bitwise equal when a micro-batch fits one chunk, and equal to rounding when it spans several
     chunks (the LM-head weight gradient is then summed chunk by chunk)."""
     from posttrain.algorithms.logprobs import sequence_token_logprobs
-    from tests.frozen_pre_split import old_token_logprobs_from_hidden
+    from tests.algorithms.frozen_pre_split import old_token_logprobs_from_hidden
 
     model = _tiny_causal_lm(tie)
     gen = torch.Generator().manual_seed(1)

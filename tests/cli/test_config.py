@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from posttrain.config import RecipeError, load_recipe
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from posttrain.config import RecipeError, load_recipe
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 BASE = f"""
 name: t

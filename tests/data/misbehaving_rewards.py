@@ -1,4 +1,4 @@
-"""Rewards that misbehave on purpose (used by tests/test_gspo_run.py)."""
+"""Rewards that misbehave on purpose (used by tests/loops/test_gspo_run.py)."""
 import time
 
 

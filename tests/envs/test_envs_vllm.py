@@ -11,7 +11,7 @@ from posttrain.rollout.multiturn import (ChatRenderer, MultiTurnLimits, batch_me
 from posttrain.toy.build import CHAT_TEMPLATE
 
 pytestmark = pytest.mark.integration
-MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "posttrain/toy/assets/toy-base")
+MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "posttrain/toy/assets/toy-base")
 
 
 class MustCall(ToolEnv):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, sigkill_at_random_step
+from tests.helpers import REPO, sigkill_at_random_step
 
 ASYNC = ["recipes/smoke.yaml", "total_steps=5", "rollout.async_steps=1"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from posttrain.config import RecipeError, parse_recipe
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 BASE = {"name": "x", "total_steps": 1, "model": {"path": "m"}, "data": {"train_files": ["a.jsonl"]},
         "rewards": {"functions": [{"name": "math"}]}}

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from posttrain.toy.tasks import make_rows, write_jsonl
-from tests.conftest import REPO, sigkill_at_random_step
-from tests.test_teachers import tiny_family  # noqa: F401 — the session fixture (student + add/sub teachers)
+from tests.helpers import REPO, sigkill_at_random_step
 
 pytestmark = [pytest.mark.integration]
 

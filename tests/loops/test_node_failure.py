@@ -13,7 +13,7 @@ import uuid
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, sigkill_at_random_step
+from tests.helpers import REPO, sigkill_at_random_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

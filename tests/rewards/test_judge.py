@@ -22,7 +22,7 @@ import pytest
 from rewards import judge
 from rewards.base import bind_reward, call_reward
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ScriptedJudge:

@@ -20,7 +20,7 @@ from rewards import judge
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RATING_REGEX = r"\[\[(10|[1-9])\]\]"
 
 

