@@ -98,3 +98,20 @@ def test_expansion_matches_the_hf_processor(tmp_path):
                             vision_end_id=config.vision_end_token_id, merge_size=2,
                             image_grid_thw=pixels["image_grid_thw"][:1], video_grid_thw=pixels["video_grid_thw"],
                             video_timestamps=pixels["video_timestamps"])
+
+
+def test_committed_toy_vl_loads_and_has_partial_competence():
+    """The committed asset is one HF folder (model, tokenizer, processor); greedy answers on held-out examples
+    are sometimes right (partial competence: RL has signal)."""
+    import posttrain.vl  # noqa: F401
+    import torch
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    from posttrain.vl.toy import evaluate_vl
+
+    path = os.path.join(REPO, "posttrain", "toy", "assets", "toy-vl")
+    processor = AutoProcessor.from_pretrained(path)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    assert model.config.vision_config.depth == 2 and model.config.text_config.num_hidden_layers == 2
+    scores = evaluate_vl(model, processor, sorted(VL_DOMAINS), n=8, temperature=0.0)
+    assert sum(scores.values()) > 0.2, scores
