@@ -1,11 +1,13 @@
 """What a short run spends before its first step, phase by phase, on this machine.
 
-    .venv/bin/python benchmarks/bench_startup.py [--phases imports,ray,engine,trainer,actors,smoke] [--out FILE]
+    .venv/bin/python benchmarks/bench_startup.py [--phases imports,data,ray,engine,trainer,actors,smoke] [--out FILE]
 
 Each phase runs in a fresh Python process, one after the other (the machine is shared: the load average is
 recorded next to every phase):
   imports  `import posttrain.loops.run` (what `posttrain run` imports before anything starts), with
            `python -X importtime`: the total and the top-level packages that cost the most;
+  data     what `_attempt` in posttrain/loops/run.py does before Ray: recipe load, `load_run_data` (tokenizer, rows,
+           prompt token ids), `check_rewards_load`;
   ray      `posttrain.orchestration.start_ray` on recipes/smoke.yaml (the embedded cluster), the first trivial
            actor's round trip with and without the run's `runtime_env` (two fresh clusters), and `ray.shutdown`;
   engine   `RolloutEngine` on the toy base in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, no Ray): `import vllm`,
@@ -56,20 +58,43 @@ def phase_imports() -> dict:
         import posttrain.loops.run
         print("RESULT " + json.dumps({"import_posttrain_loops_run_s": time.perf_counter() - t0}))
     """, extra_args=("-X", "importtime"))
-    # importtime lines: "import time: self [us] | cumulative | imported package"; top level = no indentation
-    top = []
+    # importtime lines: "import time: self [us] | cumulative | imported package" (nested ones indented); the self
+    # times summed by root package say which dependency costs what
+    by_package: dict[str, float] = {}
     for line in stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\S.*)$", line)
-        if m and not m.group(3).startswith(" "):
-            top.append((m.group(3), int(m.group(2)) / 1e6))
-    top.sort(key=lambda item: -item[1])
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (.*)$", line)
+        if m:
+            root = m.group(3).strip().split(".")[0]
+            by_package[root] = by_package.get(root, 0.0) + int(m.group(1)) / 1e6
+    top = sorted(by_package.items(), key=lambda item: -item[1])
     cli, _ = run_snippet("""
         import json, time
         t0 = time.perf_counter()
         import posttrain.cli
         print("RESULT " + json.dumps({"import_posttrain_cli_s": time.perf_counter() - t0}))
     """)
-    return {**result, **cli, "top_level_cumulative_s": dict(top[:10])}
+    return {**result, **cli, "self_time_by_package_s": {k: round(v, 3) for k, v in top[:12]}}
+
+
+def phase_data() -> dict:
+    result, _ = run_snippet("""
+        import json, time
+        import posttrain.loops.run as loop
+        from posttrain.config import load_recipe
+        from posttrain.rewards_runner import check_rewards_load, reward_fns_from_recipe
+        t0 = time.perf_counter()
+        recipe = load_recipe("recipes/smoke.yaml")
+        t_recipe = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        data = loop.load_run_data(recipe)
+        t_data = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        check_rewards_load(reward_fns_from_recipe(recipe.rewards))
+        print("RESULT " + json.dumps({"load_recipe_s": t_recipe, "load_run_data_s": t_data,
+                                      "train_rows": len(data.train_rows),
+                                      "check_rewards_load_s": time.perf_counter() - t0}))
+    """)
+    return result
 
 
 def phase_ray() -> dict:
@@ -217,7 +242,7 @@ def phase_smoke() -> dict:
     return {"smoke (as shipped)": smoke_run([]), "smoke without step-0 evaluation": smoke_run(["data.eval_files=[]"])}
 
 
-PHASES = {"imports": phase_imports, "ray": phase_ray, "engine": phase_engine, "trainer": phase_trainer,
+PHASES = {"imports": phase_imports, "data": phase_data, "ray": phase_ray, "engine": phase_engine, "trainer": phase_trainer,
           "actors": phase_actors, "smoke": phase_smoke}
 
 

@@ -74,6 +74,11 @@ def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def median(xs: list[float]) -> float | None:
+    import statistics
+    return statistics.median(xs) if xs else None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # TRL side (runs inside benchmarks/.trl-venv)
 def trl_worker(recipe_path: str, overrides: list[str], steps: int, result_path: str) -> None:
@@ -229,6 +234,7 @@ def run_posttrain(recipe_path: str, steps: int, overrides: list[str]) -> dict:
     return {"command": " ".join(cmd[1:]).replace(run_dir, "RUN_DIR"), "wall_s": wall,
             "startup_s": summary.get("startup_s"), "startup_breakdown": summary.get("startup_breakdown"),
             "steady_step_s": mean([s["step_s"] for s in steady]),
+            "steady_step_s_median": median([s["step_s"] for s in steady]),
             "steady_split_s": {k: mean([s[k] for s in steady if s[k] is not None])
                                for k in ("rollout_s", "reward_s", "update_s", "sync_s")},
             "per_step": per_step, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
@@ -249,6 +255,7 @@ def run_trl(python: str, recipe_path: str, overrides: list[str], steps: int) -> 
             result = json.load(f)
     steady = result["per_step"][1:]
     return {**result, "wall_s": wall, "steady_step_s": mean([s["step_s"] for s in steady]),
+            "steady_step_s_median": median([s["step_s"] for s in steady]),
             "steady_split_s": {k: mean([s[k] for s in steady])
                                for k in ("generate_s", "reward_s", "rollout_reward_old_logprobs_s", "update_s")},
             "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
@@ -265,7 +272,8 @@ def table(shape: str, result: dict) -> str:
     def row(label, pv, tv):
         lines.append(f"| {label} | {pv} | {tv} |")
 
-    row("s per rollout batch + updates (steady)", fmt(p and p["steady_step_s"]), fmt(t and t["steady_step_s"]))
+    row("s per rollout batch + updates (steady: mean, median)",
+        *(f"{fmt(side['steady_step_s'])}, {fmt(side.get('steady_step_s_median'))}" if side else "–" for side in (p, t)))
     if p:
         split = p["steady_split_s"]
         ps = " / ".join(fmt(split[k]) for k in ("rollout_s", "reward_s", "update_s", "sync_s"))
