@@ -81,9 +81,11 @@ def median(xs: list[float]) -> float | None:
 
 # ------------------------------------------------------------------------------------------------------------------
 # TRL side (runs inside benchmarks/.trl-venv)
-def trl_worker(recipe_path: str, overrides: list[str], steps: int, result_path: str) -> None:
+def trl_worker(recipe_path: str, overrides: list[str], steps: int, result_path: str, threads: int | None) -> None:
     t_process = time.time()
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -240,11 +242,12 @@ def run_posttrain(recipe_path: str, steps: int, overrides: list[str]) -> dict:
             "per_step": per_step, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
 
 
-def run_trl(python: str, recipe_path: str, overrides: list[str], steps: int) -> dict:
+def run_trl(python: str, recipe_path: str, overrides: list[str], steps: int, threads: int | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "trl.json")
         cmd = [python, os.path.abspath(__file__), "--trl-worker", recipe_path, "--steps", str(steps),
-               "--result", result_path, *(f"--worker-override={o}" for o in overrides)]
+               "--result", result_path, *(f"--worker-override={o}" for o in overrides),
+               *(["--trl-threads", str(threads)] if threads else [])]
         load_before, t0 = os.getloadavg(), time.time()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -302,13 +305,15 @@ def main() -> int:
     ap.add_argument("--posttrain-override", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override passed to `posttrain run`, e.g. trainer.torch_threads=2 (repeatable)")
     ap.add_argument("--sides", default="posttrain,trl", help="comma list of posttrain, trl")
+    ap.add_argument("--trl-threads", type=int, default=None,
+                    help="torch threads of the TRL side (default: torch's own, one per core)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file names (e.g. threads2)")
     ap.add_argument("--trl-worker", metavar="RECIPE", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--worker-override", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
-        trl_worker(args.trl_worker, args.worker_override, args.steps, args.result)
+        trl_worker(args.trl_worker, args.worker_override, args.steps, args.result, args.trl_threads)
         return 0
 
     os.chdir(REPO)
@@ -328,13 +333,14 @@ def main() -> int:
         ensure_model(recipe_path, shape_overrides)
         result = {"shape": shape, "recipe": recipe_path, "shape_overrides": shape_overrides, "steps": steps,
                   "machine_cpus": os.cpu_count(), "posttrain_overrides": args.posttrain_override,
+                  "trl_threads": args.trl_threads,
                   "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
         if "posttrain" in sides:
             print(f"[{shape}] posttrain, {steps} steps ...", flush=True)
             result["posttrain"] = run_posttrain(recipe_path, steps, shape_overrides + args.posttrain_override)
         if "trl" in sides:
             print(f"[{shape}] TRL, {steps} steps ...", flush=True)
-            result["trl"] = run_trl(trl_python, recipe_path, shape_overrides, steps)
+            result["trl"] = run_trl(trl_python, recipe_path, shape_overrides, steps, args.trl_threads)
         out = os.path.join("benchmarks", f"vs_trl_{shape}{'_' + args.tag if args.tag else ''}.json")
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
