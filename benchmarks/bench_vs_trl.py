@@ -1,7 +1,7 @@
 """posttrain against TRL's GRPOTrainer (GSPO settings), side by side, same model, data and batch, on this machine.
 
     .venv/bin/python benchmarks/bench_vs_trl.py [--shape quickstart|rollout-heavy|all] [--steps N]
-        [--posttrain-override KEY=VALUE ...] [--sides posttrain,trl] [--tag NAME]
+        [--posttrain-override KEY=VALUE ...] [--trl-threads N] [--sides posttrain,trl] [--tag NAME]
 
 For each shape (recipes/bench/quickstart-shape.yaml, plus overrides for the rollout-heavy one) it runs, one after
 the other and never at once:
@@ -17,7 +17,8 @@ It records, per side: seconds per rollout batch + its optimizer steps (steady st
 the wall time of the whole process to N steps (imports and start-up included), reward per step, the split of a step,
 the mean answer length and the load average around each run (the machine is shared), into
 benchmarks/vs_trl_<shape>[_<tag>].json, and prints a markdown table. `--posttrain-override trainer.torch_threads=2`
-re-measures posttrain after a speed change without editing anything.
+re-measures posttrain after a speed change without editing anything; `--trl-threads 1` gives TRL's torch one thread
+(on a loaded machine two OpenMP threads are far slower than one).
 
 Run inside the TRL venv as `--trl-worker RECIPE --steps N --result OUT.json` it is the TRL side itself (it imports
 only TRL's stack and posttrain's pure-Python reward module, posttrain/toy/rewards.py).
