@@ -146,6 +146,8 @@ class TrainerConfig(_Strict):
     activation_checkpointing: bool = Field(False, description="With fsdp: recompute decoder layers in backward.")
     cpu_offload: bool = Field(False, description="With fsdp: sharded parameters, gradients and optimizer state in "
                               "CPU memory.")
+    train_vision: bool = Field(True, description="Vision-language models: train the vision tower too (False: "
+                               "frozen, no gradients or optimizer state for it).")
 
 
 class EnvironmentConfig(_Strict):

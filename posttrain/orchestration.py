@@ -162,8 +162,10 @@ class TrainerGroup:
     def _shares(self, n: int) -> list[list[int]]:
         return [idx for idx in _split(list(range(n)), len(self.ranks))]
 
-    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
-        refs = [r.compute_logprobs.remote([prompts[i] for i in idx], [responses[i] for i in idx])
+    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
+                         ) -> list[list[float]]:
+        refs = [r.compute_logprobs.remote([prompts[i] for i in idx], [responses[i] for i in idx],
+                                          [mm_prompts[i] for i in idx] if mm_prompts else None)
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return [lp for part in ray.get(refs) for lp in part]
 
@@ -175,11 +177,13 @@ class TrainerGroup:
         parts = ray.get(refs)
         return TeacherScores.from_sequences([p.sequence(i) for p in parts for i in range(p.num_sequences)], k)
 
-    def train_minibatch(self, prompts, responses, arrays: dict[str, Any]) -> dict[str, float]:
+    def train_minibatch(self, prompts, responses, arrays: dict[str, Any], mm_prompts: list | None = None
+                        ) -> dict[str, float]:
         """One optimizer step over the mini-batch; every rank sees the global size (loss weights), returns rank
         0's metrics."""
         refs = [r.train_minibatch.remote([prompts[i] for i in idx], [responses[i] for i in idx],
-                                         {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts))
+                                         {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts),
+                                         [mm_prompts[i] for i in idx] if mm_prompts else None)
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return ray.get(refs)[0]
 

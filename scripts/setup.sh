@@ -41,6 +41,14 @@ $PIP install -q -e ".[test]"
 $PIP install -q --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0" "omegaconf==2.4.0" \
   "pylatexenc==2.11" "mathruler==0.1.0"
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# Vision-language models: their processors need torchvision. PyPI's 0.28.0 is a CUDA build whose C extension does
+# not load next to CPU torch ("operator torchvision::nms does not exist"); posttrain.vl.torchvision_ops declares
+# the two operator schemas it checks (never called by the processors) before torchvision is first imported, in
+# every interpreter of the venv through a .pth line — vLLM imports torchvision in subprocesses of its own
+# (docs/vision.md).
+$PIP install -q --no-deps "torchvision==0.28.0"
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo 'import importlib.util as u; u.find_spec("posttrain") and __import__("posttrain.vl.torchvision_ops").vl.torchvision_ops.install_import_hook()' > "$SITE/posttrain-torchvision-ops.pth"
 rm -f "$VENV"/.posttrain-setup-*
 touch "$STAMP"
 echo "[setup] done"

@@ -52,7 +52,7 @@ class GSPO:
             if a.filter_equal_reward_groups:  # a group whose rewards are all equal carries no signal
                 keep = {k for k in keep if bool((batch.rewards[batch.group_ids == batch.group_ids[k]]
                                                  != batch.rewards[k]).any())}
-            old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses)            # π_old
+            old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses, batch.mm_prompts)   # π_old
             stale = {}
             if batch.stale_steps:   # sampled by μ, an older policy: reweight by π_old/μ (docs/algorithms.md §1.6)
                 weights = importance_weights(old_logprobs, batch.sampling_logprobs, batch.max_importance_weight,
@@ -72,8 +72,9 @@ class GSPO:
                               "advantages": advantages[idx].numpy()}
                     if batch.loss_masks is not None:
                         arrays["loss_mask"] = loss_mask_array(batch.loss_masks, idx, T)
-                    metrics.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
-                                                           [batch.responses[k] for k in idx], arrays))
+                    metrics.append(trainer.train_minibatch(
+                        [batch.prompts[k] for k in idx], [batch.responses[k] for k in idx], arrays,
+                        [batch.mm_prompts[k] for k in idx] if batch.mm_prompts else None))
         return {**mean_metrics(metrics), **stale}
 
     def progress(self, record: dict) -> dict[str, str]:
@@ -112,6 +113,10 @@ class MOPD:
         from teachers.checks import check_teachers
         from teachers.routing import TeacherRouter
 
+        if data.train_mm or data.eval_mm:
+            from posttrain.config import RecipeError
+            raise RecipeError("algorithm.type mopd with image/video rows: cross-modal MOPD (VL teachers scoring "
+                              "with the same media) is not built yet; use gspo or grpo for vision-language data")
         check_teachers(recipe)                                   # paths, tokenizer, vocabulary, architecture
         self.router = TeacherRouter(self.settings.teachers, self.settings.route_key)
         self.row_teacher = self.router.route_rows(data.train_rows, "train")   # unknown labels fail here

@@ -48,12 +48,20 @@ class RewardsBroken(RuntimeError):
 
 @dataclasses.dataclass
 class RunData:
-    """What a run reads before anything heavy starts: tokenizer, rows and their prompt token ids."""
+    """What a run reads before anything heavy starts: tokenizer, rows, their prompt token ids and, for rows with
+    images or videos, the multimodal prompts (ids with one pad per item + the decoded media; None for text rows)."""
     tokenizer: object
     train_rows: list[dict]
     eval_rows: list[dict]
     train_ids: list[list[int]]
     eval_ids: list[list[int]]
+    train_mm: list | None = None
+    eval_mm: list | None = None
+
+    def engine_prompts(self, split: str, indices) -> list:
+        """What the engine gets: a MultimodalPrompt for a row with media, else the token ids."""
+        ids, mm = (self.train_ids, self.train_mm) if split == "train" else (self.eval_ids, self.eval_mm)
+        return [mm[i] if mm and mm[i] is not None else ids[i] for i in indices]
 
 
 @dataclasses.dataclass
@@ -67,6 +75,7 @@ class RolloutBatch:
     texts: list[str]
     finish_reasons: list[str]
     rewards: torch.Tensor | None = None   # [N], after scoring
+    mm_prompts: list | None = None              # vision-language: each sample's MultimodalPrompt (None: text)
     loss_masks: list[list[int]] | None = None   # multi-turn: 1 on policy-sampled tokens, 0 on observations
     env_rewards: list[float] | None = None      # multi-turn: the environment's reward per trajectory
     env_metrics: dict | None = None             # multi-turn: env/turns_mean, env/tool_calls_mean, ...
@@ -96,9 +105,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
     check_rewards_load(reward_fns)
     cursor = DataCursor(len(data.train_rows), recipe.seed, recipe.data.shuffle)
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    # Fixed canary sequence: a prompt plus a stretch of ordinary tokens.
-    canary_ids = (data.eval_ids or data.train_ids)[0] + data.tokenizer("Answer: 12345",
-                                                                       add_special_tokens=False)["input_ids"]
+    canary_ids = canary_prompt(data)
     startup = StepTimer()
     with startup.span("ray_init"):
         start_ray(recipe)
@@ -193,15 +200,37 @@ def load_run_data(recipe: Recipe) -> RunData:
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     train_rows = load_prompt_rows(recipe.data.train_files)
     eval_rows = load_prompt_rows(recipe.data.eval_files)[:recipe.data.eval_max_prompts]
+    train_mm, eval_mm = multimodal_prompts(train_rows, tokenizer), multimodal_prompts(eval_rows, tokenizer)
     return RunData(tokenizer, train_rows, eval_rows,
-                   prepare_prompts(train_rows, tokenizer, recipe.data.max_prompt_tokens, "train"),
-                   prepare_prompts(eval_rows, tokenizer, recipe.data.max_prompt_tokens, "eval"))
+                   prepare_prompts(train_rows, tokenizer, recipe.data.max_prompt_tokens, "train", train_mm),
+                   prepare_prompts(eval_rows, tokenizer, recipe.data.max_prompt_tokens, "eval", eval_mm),
+                   train_mm, eval_mm)
 
 
-def prepare_prompts(rows: list[dict], tokenizer, max_tokens: int, what: str) -> list[list[int]]:
+def multimodal_prompts(rows: list[dict], tokenizer) -> list | None:
+    """Rows with images/videos → MultimodalPrompt (media decoded once, here); None when no row has media."""
+    from posttrain.vl.media import has_media, multimodal_prompt
+    if not any(has_media(row) for row in rows):
+        return None
+    return [multimodal_prompt(tokenizer, row) if has_media(row) else None for row in rows]
+
+
+def canary_prompt(data: RunData):
+    """The weight-sync canary's fixed sequence: the first held-out prompt (with its image or video, if any) plus a
+    stretch of ordinary tokens."""
+    split = "eval" if data.eval_rows else "train"
+    prompt = data.engine_prompts(split, [0])[0]
+    tail = data.tokenizer("Answer: 12345", add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, list):
+        return prompt + tail
+    return dataclasses.replace(prompt, token_ids=list(prompt.token_ids) + tail)
+
+
+def prepare_prompts(rows: list[dict], tokenizer, max_tokens: int, what: str, mm: list | None = None
+                    ) -> list[list[int]]:
     ids = []
     for i, row in enumerate(rows):
-        p = encode_prompt(tokenizer, row["prompt"])
+        p = list(mm[i].token_ids) if mm and mm[i] is not None else encode_prompt(tokenizer, row["prompt"])
         if len(p) > max_tokens:
             raise DatasetError(f"{what} row {i + 1}: prompt is {len(p)} tokens, over data.max_prompt_tokens = "
                                f"{max_tokens}; shorten it or raise the limit")
@@ -218,9 +247,11 @@ def generate_batch(rollout: RolloutGroup, recipe: Recipe, rows_idx: list[int], s
     if recipe.environment:
         batch = generate_episodes(rollout, recipe, rows_idx, seeds, data, n=n, temperature=temperature)
     else:
-        groups = rollout.generate([data.train_ids[i] for i in rows_idx], seeds, n=n, temperature=temperature,
+        groups = rollout.generate(data.engine_prompts("train", rows_idx), seeds, n=n, temperature=temperature,
                                   top_p=r.top_p, max_tokens=r.max_tokens)
         batch = flatten_groups(rows_idx, groups, data.train_ids)
+        if data.train_mm:
+            batch.mm_prompts = [data.train_mm[i] for i in batch.row_index]
     batch.stale_steps, batch.max_importance_weight = r.async_steps, r.max_importance_weight
     return batch
 
@@ -313,8 +344,8 @@ def evaluate(recipe: Recipe, rollout: RolloutGroup, reward_fns, data: RunData, r
         return {**reward_metrics(results, [row["data_source"] for row, _ in pairs], prefix="eval/reward"),
                 **{f"eval/{k}": v for k, v in batch.env_metrics.items()}}
     # vLLM clamps temperatures below 0.01; 0 means greedy there.
-    groups = rollout.generate(data.eval_ids, seeds, n=r.eval_n, temperature=r.eval_temperature, top_p=1.0,
-                              max_tokens=r.max_tokens)
+    groups = rollout.generate(data.engine_prompts("eval", range(len(data.eval_rows))), seeds, n=r.eval_n,
+                              temperature=r.eval_temperature, top_p=1.0, max_tokens=r.max_tokens)
     pairs = [(row, s["text"]) for row, group in zip(data.eval_rows, groups) for s in group]
     results = score_rewards(recipe, reward_fns, [reward_sample(row, text) for row, text in pairs])
     return reward_metrics(results, [row["data_source"] for row, _ in pairs], prefix="eval/reward")

@@ -19,13 +19,13 @@ if TYPE_CHECKING:
     from posttrain.algorithms.mopd import MOPDLossSettings
 
 
-def _scatter_response_values(values: np.ndarray, prompts: list[list[int]], responses: list[list[int]],
+def _scatter_response_values(values: np.ndarray, prompt_lens: list[int], responses: list[list[int]],
                              like: torch.Tensor) -> torch.Tensor:
     """Per-response-token values [n, T] (row i valid for its first len(responses[i])) placed in the packed
     next-token layout [n, L-1] of pack_sequences: response token j of sequence i sits at P_i − 1 + j."""
     out = torch.zeros_like(like)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        out[i, len(p) - 1:len(p) - 1 + len(r)] = torch.as_tensor(values[i, :len(r)], device=like.device)
+    for i, (p_len, r) in enumerate(zip(prompt_lens, responses)):
+        out[i, p_len - 1:p_len - 1 + len(r)] = torch.as_tensor(values[i, :len(r)], device=like.device)
     return out
 
 
@@ -39,14 +39,12 @@ class PolicyGradientObjective:
     clip_low: float
     clip_high: float
 
-    def loss(self, rank, prompts, responses, arrays):
-        from posttrain.trainer.worker import pack_sequences
-
-        batch = pack_sequences(prompts, responses, rank.pad_id)
+    def loss(self, rank, prompts, responses, arrays, mm_prompts=None):
+        batch, prompt_lens = rank.pack(prompts, responses, mm_prompts)
         mask = batch["response_mask"].to(rank.device)                                              # [n,L-1]
         if "loss_mask" in arrays:
-            mask = mask * _scatter_response_values(arrays["loss_mask"], prompts, responses, mask)
-        old = _scatter_response_values(arrays["old_logprobs"], prompts, responses, mask)           # [n,L-1]
+            mask = mask * _scatter_response_values(arrays["loss_mask"], prompt_lens, responses, mask)
+        old = _scatter_response_values(arrays["old_logprobs"], prompt_lens, responses, mask)       # [n,L-1]
         adv = torch.as_tensor(arrays["advantages"], dtype=torch.float32, device=rank.device)      # [n]
         return self.policy_loss(rank.logprobs(batch), old, adv, mask, clip_low=self.clip_low,
                                 clip_high=self.clip_high)
@@ -79,7 +77,7 @@ class MOPDObjective:
     outcome_advantages [n]."""
     settings: "MOPDLossSettings"
 
-    def loss(self, rank, prompts, responses, arrays):
+    def loss(self, rank, prompts, responses, arrays, mm_prompts=None):
         from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics, mopd_objective
 
         chunk = rank.settings.logprob_chunk_size

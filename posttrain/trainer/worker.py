@@ -55,6 +55,7 @@ class TrainerSettings:
     token_budget: int = 16384
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    train_vision: bool = True
 
 
 def trainer_settings(recipe, objective) -> TrainerSettings:
@@ -66,7 +67,7 @@ def trainer_settings(recipe, objective) -> TrainerSettings:
         reserved_cpus=(recipe.rollout.num_workers * recipe.rollout.cpus_per_worker if recipe.rollout.async_steps
                        else 0.0),
         logprob_chunk_size=t.logprob_chunk_size, objective=objective, fsdp=t.fsdp, token_budget=t.token_budget,
-        activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload,
+        activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload, train_vision=t.train_vision,
         optimizer=OptimizerSettings(
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
             max_grad_norm=opt.max_grad_norm, schedule=opt.schedule, warmup_steps=opt.warmup_steps,
@@ -121,12 +122,26 @@ class TrainerRank:
         backend = s.backend if s.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(s.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
         opt = s.optimizer
-        if s.fsdp:
+        self.processor = None
+        if hasattr(AutoConfig.from_pretrained(s.model_path), "vision_config"):   # a vision-language model
+            if s.fsdp:
+                raise ValueError("trainer.fsdp is not available for vision-language models yet; use trainer.fsdp: "
+                                 "false")
+            from posttrain.vl.logprobs import set_vision_trainable   # (imports the torchvision shim first)
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(s.model_path)
+            self.model = AutoModelForImageTextToText.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(
+                self.device)
+            set_vision_trainable(self.model, s.train_vision)
+            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opt.lr,
+                                               betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+        elif s.fsdp:
             from posttrain.trainer.fsdp import build_optimizer, shard_model
 
             # fp32 master weights (and AdamW state); model.dtype is the compute dtype of the gathered copies.
@@ -146,8 +161,25 @@ class TrainerRank:
         return self.rank
 
     # -- log-probs ----------------------------------------------------------------------------------------------
+    def pack(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
+             ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """A right-padded batch and each sequence's prompt length in it. Vision-language: each prompt's media
+        expanded into its tokens (posttrain.vl.logprobs.prepare_vl_sequence) with the pixels, as vLLM saw them."""
+        if self.processor is None:
+            return pack_sequences(prompts, responses, self.pad_id), [len(p) for p in prompts]
+        from posttrain.vl.inputs import MultimodalPrompt
+        from posttrain.vl.logprobs import pack_vl_sequences, prepare_vl_sequence
+
+        mm_prompts = mm_prompts or [None] * len(prompts)
+        seqs = [prepare_vl_sequence(self.processor, self.model.config, mm if mm is not None else MultimodalPrompt(p),
+                                    r) for p, r, mm in zip(prompts, responses, mm_prompts)]
+        return pack_vl_sequences(seqs, self.pad_id), [s.prompt_len for s in seqs]
+
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log πθ of every next token of a packed batch: [N, L-1] (see pack_sequences)."""
+        if "mm_token_type_ids" in batch:
+            from posttrain.vl.logprobs import vl_sequence_token_logprobs
+            return vl_sequence_token_logprobs(self.model, batch, self.settings.logprob_chunk_size)
         return sequence_token_logprobs(self.model, batch["input_ids"].to(self.device),
                                        batch["attention_mask"].to(self.device), self.settings.logprob_chunk_size)
 
@@ -194,7 +226,8 @@ class TrainerRank:
         return list(flat.split(micro_batch.response_lengths)) if micro_batch.response_lengths else [flat]
 
     @torch.no_grad()
-    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
+                         ) -> list[list[float]]:
         """π_old: the trainer's own log-probs of each response token under the current weights."""
         self.model.eval()
         if self.settings.fsdp:
@@ -206,10 +239,11 @@ class TrainerRank:
         out: list[list[float]] = []
         mb = self.settings.micro_batch_size
         for s in range(0, len(prompts), mb):
-            batch = pack_sequences(prompts[s:s + mb], responses[s:s + mb], self.pad_id)
+            batch, prompt_lens = self.pack(prompts[s:s + mb], responses[s:s + mb],
+                                           mm_prompts[s:s + mb] if mm_prompts else None)
             lp = self.logprobs(batch).float().cpu()
-            for i, (p, r) in enumerate(zip(prompts[s:s + mb], responses[s:s + mb])):
-                out.append(lp[i, len(p) - 1:len(p) - 1 + len(r)].tolist())
+            for i, (p_len, r) in enumerate(zip(prompt_lens, responses[s:s + mb])):
+                out.append(lp[i, p_len - 1:p_len - 1 + len(r)].tolist())
         return out
 
     @torch.no_grad()
@@ -232,7 +266,7 @@ class TrainerRank:
 
     # -- update -------------------------------------------------------------------------------------------------
     def train_minibatch(self, prompts: list[list[int]], responses: list[list[int]], arrays: dict[str, np.ndarray],
-                        global_batch_size: int) -> dict[str, float]:
+                        global_batch_size: int, mm_prompts: list | None = None) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (gradient accumulation over micro-batches).
 
         `arrays` holds the algorithm's per-sample inputs (first axis = sample), sliced per micro-batch. The
@@ -253,7 +287,7 @@ class TrainerRank:
                 loss, metrics = self.objective.packed_loss(self, micro_batch, part)
             else:
                 loss, metrics = self.objective.loss(self, [prompts[i] for i in idx], [responses[i] for i in idx],
-                                                    part)
+                                                    part, [mm_prompts[i] for i in idx] if mm_prompts else None)
             (loss * (len(idx) / global_batch_size)).backward()
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + v
@@ -303,8 +337,15 @@ class TrainerRank:
         return [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in self.model.state_dict().items()]
 
     @torch.no_grad()
-    def canary_logprobs(self, token_ids: list[int]) -> list[float]:
+    def canary_logprobs(self, token_ids) -> list[float]:
+        """The trainer's side of the weight-sync canary: log p(x_t | x_<t), t ≥ 1, of the canary sequence (a
+        MultimodalPrompt for a vision-language run: positions of the expanded prompt, as the engine reports)."""
         self.model.eval()
+        if self.processor is not None:
+            from posttrain.vl.inputs import MultimodalPrompt
+            from posttrain.vl.logprobs import vl_canary_logprobs
+            prompt = token_ids if isinstance(token_ids, MultimodalPrompt) else MultimodalPrompt(list(token_ids))
+            return vl_canary_logprobs(self.model, self.processor, prompt)
         if self.settings.fsdp:    # every rank runs it (the forward all-gathers the shards)
             from posttrain.trainer.packing import pack_micro_batch
             micro_batch = pack_micro_batch([token_ids[:1]], [token_ids[1:]], [0])
@@ -375,7 +416,7 @@ class TrainerRank:
             return
         if self.rank == 0:
             self.model.save_pretrained(directory, safe_serialization=True)
-            self.tokenizer.save_pretrained(directory)
+            (self.processor or self.tokenizer).save_pretrained(directory)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
