@@ -40,4 +40,4 @@ def test_vl_gspo_run_keeps_engine_and_trainer_in_sync_and_resumes_exactly(tmp_pa
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(extended, "final", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "a VL run resumed from its checkpoint diverged"
-    assert os.path.isfile(os.path.join(whole, "final", "preprocessor_config.json"))   # final/ is a whole VLM folder
+    assert os.path.isfile(os.path.join(whole, "final", "processor_config.json"))   # final/ is a whole VLM folder
