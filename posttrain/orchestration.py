@@ -41,9 +41,11 @@ def start_ray(recipe: Recipe) -> None:
     saved_switch = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(loopback_env)
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # No runtime_env for the embedded cluster: its raylet and workers inherit this process's environment, and
+    # skipping Ray's runtime-env agent saves seconds at init and at every worker start (benchmarks/STARTUP.md).
+    os.environ.update(env_vars)
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env_vars}, configure_logging=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_switch
         for key, value in saved_env.items():
