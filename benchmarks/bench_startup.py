@@ -8,8 +8,9 @@ recorded next to every phase):
            `python -X importtime`: the total and the top-level packages that cost the most;
   data     what `_attempt` in posttrain/loops/run.py does before Ray: recipe load, `load_run_data` (tokenizer, rows,
            prompt token ids), `check_rewards_load`;
-  ray      `posttrain.orchestration.start_ray` on recipes/smoke.yaml (the embedded cluster), the first trivial
-           actor's round trip with and without the run's `runtime_env` (two fresh clusters), and `ray.shutdown`;
+  ray      `posttrain.orchestration.start_ray` on recipes/smoke.yaml (the embedded cluster), a bare `ray.init`, and
+           one with a `runtime_env` of env_vars (three fresh clusters): init, the first trivial actor's round trip,
+           and `ray.shutdown`;
   engine   `RolloutEngine` on the toy base in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, no Ray): `import vllm`,
            `LLM(...)` construction, the first (warm-up) generate and a second one;
   trainer  what a trainer rank does in `setup`, without Ray: imports, gloo process group of one, tokenizer,
@@ -107,10 +108,12 @@ def phase_ray() -> dict:
         t_import = time.perf_counter() - t0
         recipe = load_recipe("recipes/smoke.yaml")
         t0 = time.perf_counter()
-        if {with_runtime_env}:
+        if "{variant}" == "start_ray":
             start_ray(recipe)
         else:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **({{"runtime_env": {{"env_vars": {{"TOKENIZERS_PARALLELISM": "false"}}}}}}
+                        if "{variant}" == "runtime_env" else {{}}))
         t_init = time.perf_counter() - t0
 
         @ray.remote(num_cpus=0)
@@ -126,10 +129,9 @@ def phase_ray() -> dict:
         print("RESULT " + json.dumps({{"import_ray_s": t_import, "init_s": t_init, "first_actor_s": t_actor,
                                       "shutdown_s": time.perf_counter() - t0}}))
     """
-    with_env, _ = run_snippet(code.format(with_runtime_env=True))
-    bare, _ = run_snippet(code.format(with_runtime_env=False))
-    return {"start_ray (the run's: runtime_env env_vars, loopback)": with_env,
-            "ray.init bare (no runtime_env)": bare}
+    return {"start_ray (posttrain.orchestration, as the run calls it)": run_snippet(code.format(variant="start_ray"))[0],
+            "ray.init bare (no runtime_env)": run_snippet(code.format(variant="bare"))[0],
+            "ray.init with runtime_env env_vars": run_snippet(code.format(variant="runtime_env"))[0]}
 
 
 def phase_engine() -> dict:
