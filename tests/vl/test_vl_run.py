@@ -13,8 +13,24 @@ from tests.helpers import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-VL = ["recipes/vl-quickstart.yaml", "rollout.prompts_per_step=4", "rollout.n=4", "data.eval_max_prompts=8",
-      "data.eval_every=0", "checkpoint.every=1"]
+VL = ["recipes/vl-quickstart.yaml", "rollout.prompts_per_step=4", "rollout.n=4", "data.eval_every=0",
+      "checkpoint.every=1"]
+
+
+def _small_eval_set(tmp_path) -> str:
+    """4 held-out rows of each source (media paths made absolute: they are relative to the data file's folder)."""
+    rows = []
+    for source in ("vl-ground", "vl-video"):
+        folder = os.path.join(REPO, "recipes", "data", source)
+        for line in open(os.path.join(folder, "eval.jsonl")).readlines()[:4]:
+            row = json.loads(line)
+            for key in ("images", "videos"):
+                if key in row:
+                    row[key] = [os.path.join(folder, item) for item in row[key]]
+            rows.append(row)
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"data.eval_files=[{path}]"
 
 
 def _run(args, run_dir):
@@ -25,7 +41,8 @@ def _run(args, run_dir):
 
 def test_vl_gspo_run_keeps_engine_and_trainer_in_sync_and_resumes_exactly(tmp_path):
     whole, extended = str(tmp_path / "whole"), str(tmp_path / "extended")
-    _run([*VL, "total_steps=3"], whole)
+    vl = [*VL, _small_eval_set(tmp_path)]
+    _run([*vl, "total_steps=3"], whole)
     records = [json.loads(line) for line in open(os.path.join(whole, "metrics.jsonl"))]
     steps = [r for r in records if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -35,8 +52,8 @@ def test_vl_gspo_run_keeps_engine_and_trainer_in_sync_and_resumes_exactly(tmp_pa
         assert "reward/component/iou" in r and "reward/component/tiou" in r
     evals = [r for r in records if "eval/reward/mean" in r]
     assert {"eval/reward/by_source/toy-vl/ground", "eval/reward/by_source/toy-vl/video"} <= set(evals[0])
-    _run([*VL, "total_steps=2"], extended)
-    _run([*VL, "total_steps=3", "--allow-change", "total_steps"], extended)
+    _run([*vl, "total_steps=2"], extended)
+    _run([*vl, "total_steps=3", "--allow-change", "total_steps"], extended)
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(extended, "final", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "a VL run resumed from its checkpoint diverged"
