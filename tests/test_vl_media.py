@@ -16,7 +16,7 @@ from posttrain.data import DatasetError, load_prompt_rows
 from posttrain.vl.media import MediaLimits, check_row_media, load_image, load_video
 
 pytestmark = pytest.mark.unit
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO  # noqa: E402 — the repository root, wherever this file sits under tests/
 
 
 def _row(content="<image>What is shown?", **media):

@@ -10,7 +10,7 @@ import pytest
 from posttrain.vl.toy import VL_DOMAINS, make_vl_examples
 
 pytestmark = pytest.mark.unit
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO  # noqa: E402 — the repository root, wherever this file sits under tests/
 
 
 @pytest.mark.parametrize("name", sorted(VL_DOMAINS))
