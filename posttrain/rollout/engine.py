@@ -46,6 +46,7 @@ class RolloutEngine:
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(**kwargs)
         self.weight_version = 0
+        self.never_sample = media_token_bias(model_path)
 
     # -- generation ---------------------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], *, n: int, temperature: float, top_p: float, max_tokens: int,
@@ -57,7 +58,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                 seed=int(s)) for s in seeds]
+                                 seed=int(s), logit_bias=self.never_sample) for s in seeds]
         outputs = self.llm.generate([_tokens_prompt(p) for p in prompts], params, use_tqdm=False)
         results = []
         for out in outputs:
@@ -98,6 +99,25 @@ class RolloutEngine:
 
     def ping(self) -> int:
         return self.weight_version
+
+
+def media_token_bias(model_path: str) -> dict[int, float] | None:
+    """A vision-language model must never *sample* its media placeholders (<|image_pad|>, <|video_pad|>, the
+    vision start/end marks): the trainer's model would take a sampled pad for an image slot ("Image features and
+    image tokens do not match") and the engine did not. They get a −100 logit bias; text models get None (no
+    change to their sampling)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if "vision_config" not in config:
+        return None
+    keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return {int(config[k]): -100.0 for k in keys if isinstance(config.get(k), int)} or None
 
 
 def _tokens_prompt(prompt: Prompt):
