@@ -28,10 +28,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
-import importlib.util
-import os
-import sys
 from typing import Any
 
 from envs.tools import Tool, ToolOutcome, parse_tool_calls, run_tool_call
@@ -165,23 +161,8 @@ def load_env(spec: str) -> type[Env]:
         raise EnvSpecError(f"environment {spec!r} is neither a built-in name ({', '.join(sorted(BUILTIN_ENVS))}) "
                            "nor of the form 'package.module:Class' or 'path/to/file.py:Class'")
     target, _, attr = target_spec.rpartition(":")
-    if target.endswith(".py"):
-        path = os.path.abspath(target)
-        if not os.path.isfile(path):
-            raise EnvSpecError(f"environment file {target!r} does not exist (resolved to {path}); fix the path")
-        mod_name = f"_posttrain_user_env_{abs(hash(path))}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            file_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(file_spec)
-            sys.modules[mod_name] = module
-            file_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise EnvSpecError(f"cannot import environment module {target!r}: {err}; "
-                               "is it installed or on PYTHONPATH?") from err
+    from rewards.base import load_user_module
+    module = load_user_module(target, "environment", EnvSpecError)
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Env)):
         raise EnvSpecError(f"{target!r} has no Env subclass {attr!r}; check the class name after ':' "

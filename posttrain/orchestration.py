@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from posttrain.config import Recipe, recipe_to_dict
+from posttrain.config import Recipe
 
 
 def start_ray(recipe: Recipe) -> None:

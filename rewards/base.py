@@ -51,6 +51,27 @@ class RewardSpecError(ValueError):
     """A reward name or path that cannot be resolved; the message says how to fix it."""
 
 
+def load_user_module(target: str, what: str, error: type[Exception]):
+    """`package.module` (imported) or `path/to/file.py` (loaded once per path under a private name) — how recipes
+    name user code (rewards, environments). Raises `error` naming the module and the fix."""
+    if target.endswith(".py"):
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise error(f"{what} file {target!r} does not exist (resolved to {path}); fix the path")
+        mod_name = f"_posttrain_user_{what}_{abs(hash(path))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            file_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[mod_name] = module
+            file_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as err:
+        raise error(f"cannot import {what} module {target!r}: {err}; is it installed or on PYTHONPATH?") from err
+
+
 def load_reward(spec: str) -> Callable[..., Any]:
     """Resolve a reward given as a built-in name, `module:function` or `path/file.py:function`."""
     if spec in BUILTIN_REWARDS:
@@ -61,23 +82,7 @@ def load_reward(spec: str) -> Callable[..., Any]:
             f"reward {spec!r} is neither a built-in name ({known}) nor of the form "
             f"'package.module:function' or 'path/to/file.py:function'")
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = os.path.abspath(target)
-        if not os.path.isfile(path):
-            raise RewardSpecError(f"reward file {target!r} does not exist (resolved to {path}); fix the path")
-        mod_name = f"_posttrain_user_reward_{abs(hash(path))}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            file_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(file_spec)
-            sys.modules[mod_name] = module
-            file_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise RewardSpecError(f"cannot import reward module {target!r}: {err}; "
-                                  "is it installed or on PYTHONPATH?") from err
+    module = load_user_module(target, "reward", RewardSpecError)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardSpecError(f"{target!r} has no callable {attr!r}; check the function name after ':'")
