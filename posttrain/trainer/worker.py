@@ -121,7 +121,10 @@ class TrainerRank:
                        else torch.device("cpu"))
         backend = s.backend if s.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        if not (dist.is_initialized() and dist.get_world_size() == self.world_size == 1):
+            # (a single-rank trainer in a process that already holds a world-size-1 group — an in-process vLLM
+            # engine makes one — reuses it: a second default group cannot be created)
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(s.seed)

@@ -115,9 +115,11 @@ def trainer_rank():
     recipe = parse_recipe({**BASE, "model": {"path": os.path.join(REPO, "posttrain/toy/assets/toy-base")},
                            "trainer": {"optimizer": {"lr": 1e-3}}})
     rank = TrainerRank(0, 1, trainer_settings(recipe, PolicyGradientObjective(gspo_loss, 3e-4, 4e-4)))
+    created = not dist.is_initialized()   # an in-process vLLM engine of an earlier test may have made one
     rank.setup("127.0.0.1", free_port())
     yield rank
-    dist.destroy_process_group()
+    if created:
+        dist.destroy_process_group()
 
 
 @pytest.mark.unit
