@@ -291,7 +291,10 @@ class LocalProcesses:
     @staticmethod
     def _stop(proc, conn) -> None:
         if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:   # it died on its own (a segfaulting reward) just after the check
+                pass
         proc.join()
         conn.close()
 
