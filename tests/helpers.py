@@ -80,3 +80,18 @@ def build_tiny_family(root: str, *, teacher_domains=("add", "sub"), student_sft_
     return paths
 
 
+
+
+def surviving(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains `marker` (a sandboxed program that must not survive)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids

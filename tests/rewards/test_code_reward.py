@@ -20,23 +20,11 @@ from rewards import code as code_mod
 from rewards.code import (BadInput, compute_score, compute_score_batch, extract_code, json_equal,
                           normalise_stdout, parse_tests, stdout_matches)
 from rewards.sandbox import SandboxUnavailable
+from tests.helpers import surviving
 
 
 def fenced(src: str, lang: str = "python") -> str:
     return f"Here is my solution.\n```{lang}\n{src}\n```\nDone."
-
-
-def surviving(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if marker.encode() in fh.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 # ------------------------------------------------------------------ unit: extraction and comparison

@@ -19,23 +19,9 @@ import pytest
 
 from rewards import sandbox as sandbox_mod
 from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+from tests.helpers import surviving
 
 PY = [sys.executable, "-I", "-S", "-c"]
-
-
-def surviving(marker: str) -> list[int]:
-    """Host pids whose command line contains marker (a hostile program that escaped would show here)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                if marker.encode() in fh.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
 
 
 def wait_no_survivors(marker: str, within_s: float = 2.0) -> list[int]:
