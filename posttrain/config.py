@@ -36,7 +36,7 @@ class DataConfig(_Strict):
     eval_files: list[str] = Field(default_factory=list, description="Held-out rows; evaluated before training, "
                                   "every `eval_every` steps and at the end.")
     eval_every: int = Field(10, ge=0, description="Evaluate every N steps (0: only before and after).")
-    eval_max_prompts: Optional[int] = Field(None, ge=1, description="Cap on held-out prompts per evaluation.")
+    eval_max_prompts: Optional[int] = Field(None, ge=1, description="Cap on held-out prompts per evaluation (the eval files are interleaved before the cut, so every file keeps its share).")
     shuffle: bool = Field(True, description="Seeded reshuffle of the training rows every epoch.")
     max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are an error naming the row.")
 

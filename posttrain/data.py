@@ -106,15 +106,19 @@ def _is_content(content) -> bool:
                                           for p in content))
 
 
-def load_prompt_rows(paths: list[str]) -> list[dict]:
-    rows = []
+def load_prompt_rows(paths: list[str], max_rows: int | None = None) -> list[dict]:
+    """Every row of `paths`, checked, in file order. With `max_rows`, the files are interleaved (row 1 of each file,
+    then row 2, ...) before the cut, so a capped held-out set still covers every file instead of only the first."""
+    per_file = []
     for path in paths:
         base_dir = os.path.dirname(os.path.abspath(path))   # media paths are relative to the data file
-        for i, row in enumerate(_load_rows(path)):
-            rows.append(validate_row(row, f"{path} row {i + 1}", base_dir))
-    if paths and not rows:
+        per_file.append([validate_row(row, f"{path} row {i + 1}", base_dir) for i, row in enumerate(_load_rows(path))])
+    if paths and not any(per_file):
         raise DatasetError(f"datasets {paths} hold no rows; add prompts or fix the paths")
-    return rows
+    if max_rows is None:
+        return [row for rows in per_file for row in rows]
+    interleaved = [rows[i] for i in range(max(map(len, per_file), default=0)) for rows in per_file if i < len(rows)]
+    return interleaved[:max_rows]
 
 
 @dataclasses.dataclass

@@ -199,7 +199,7 @@ def load_run_data(recipe: Recipe) -> RunData:
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     train_rows = load_prompt_rows(recipe.data.train_files)
-    eval_rows = load_prompt_rows(recipe.data.eval_files)[:recipe.data.eval_max_prompts]
+    eval_rows = load_prompt_rows(recipe.data.eval_files, max_rows=recipe.data.eval_max_prompts)
     train_mm, eval_mm = multimodal_prompts(train_rows, tokenizer), multimodal_prompts(eval_rows, tokenizer)
     return RunData(tokenizer, train_rows, eval_rows,
                    prepare_prompts(train_rows, tokenizer, recipe.data.max_prompt_tokens, "train", train_mm),
