@@ -207,11 +207,14 @@ class MOPDAlgorithm(_Strict):
     type: Literal["mopd"] = "mopd"
     teachers: list[TeacherConfig] = Field(min_length=1)
     route_key: str = Field("data_source", description="Row field that picks the teacher (dotted path, e.g. "
-                           "'extra_info.domain'). A value with no teacher is an error, never a silent default.")
+                           "'extra_info.domain'), or `modality`: the row's media, labels `image`, `video` (a row with "
+                           "videos) and `text`. A value with no teacher is an error, never a silent default.")
     top_k: int = Field(16, ge=1, description="k of the student and teacher top-k sets.")
     max_logprobs: int = Field(20, ge=1, description="The teacher engines' log-prob cap (vLLM max_logprobs).")
-    resident_engines: int = Field(1, ge=1, description="Teacher engines kept alive; teachers time-share them by "
-                                  "swapping weights in memory (fewer engines than teachers is normal).")
+    resident_engines: int = Field(1, ge=1, description="Teacher engines kept alive, in all; teachers of one "
+                                  "architecture time-share theirs by swapping weights in memory (fewer engines than "
+                                  "teachers is normal). Teachers of different architectures (e.g. text-only and "
+                                  "vision-language) need one engine per architecture at least.")
     engine_cpus: float = Field(1.0, ge=0)
     engine_gpus: float = Field(0.0, ge=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments of "
@@ -244,6 +247,12 @@ class MOPDAlgorithm(_Strict):
                     raise ValueError(f"routing label {label!r} is served by both teacher {seen[label]!r} and "
                                      f"{t.name!r}; each label must route to exactly one teacher")
                 seen[label] = t.name
+        if self.route_key == "modality":
+            for t in self.teachers:
+                wrong = [label for label in t.labels if label not in ("image", "video", "text")]
+                if wrong:
+                    raise ValueError(f"teacher {t.name!r} has labels {wrong}, but algorithm.route_key: modality "
+                                     "routes by the row's media, whose labels are `image`, `video` and `text`")
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")

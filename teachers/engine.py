@@ -7,19 +7,24 @@ the student side, so no BPE merge crosses the boundary) go in as ONE prompt with
 state (prompt + y_<j) at which the trainer computes the student's top-k. Positions are checked: the token vLLM
 reports as "actual" at each response position must be the student's token, or scoring fails loudly.
 
+A vision-language teacher scores a multimodal sample with the student's media: the same `multi_modal_data` the
+rollout engine sends (posttrain.rollout.engine._tokens_prompt). vLLM expands each media pad into the item's
+tokens, so P is the length of the EXPANDED prompt vLLM reports: len(prompt_token_ids) − |response|.
+
 Log-probs are vLLM's raw, full-vocabulary log-softmax at temperature 1 (the sampling temperature never enters
 the loss). `TeacherEngine` is a plain class; `TeacherWorker` is the same as a Ray actor. Weights are swapped in
 memory (the rollout engine's `reload_weights` path), so one engine serves many teachers of one architecture.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import numpy as np
 import ray
 
-from posttrain.rollout.engine import RolloutEngine
+from posttrain.rollout.engine import RolloutEngine, _tokens_prompt
 from teachers.scores import TeacherScores
 
 
@@ -48,18 +53,24 @@ class TeacherEngine(RolloutEngine):
             raise
 
     # -- scoring -------------------------------------------------------------------------------------------------
-    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int) -> TeacherScores:
-        """Top-k ids / log-probs and the sampled token's log-prob for every response token of every sequence."""
+    def score(self, prompts: list[list[int]], responses: list[list[int]], k: int, mm_prompts: list | None = None
+              ) -> TeacherScores:
+        """Top-k ids / log-probs and the sampled token's log-prob for every response token of every sequence.
+
+        mm_prompts: per sequence, its posttrain.vl.inputs.MultimodalPrompt (its media go with the ids) or None."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         start = time.perf_counter()
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False,
                                 flat_logprobs=True)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(r))
-                                     for p, r in zip(prompts, responses)], params, use_tqdm=False)
-        parts = [self._response_scores(out.prompt_logprobs, len(p), list(r), k, i)
-                 for i, (out, p, r) in enumerate(zip(outputs, prompts, responses))]
+        mm_prompts = mm_prompts or [None] * len(prompts)
+        requests = [_tokens_prompt(list(p) + list(r) if mm is None
+                                   else dataclasses.replace(mm, token_ids=list(p) + list(r)))
+                    for p, r, mm in zip(prompts, responses, mm_prompts)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        # The response starts after the prompt as vLLM expanded it (each media pad → the item's tokens).
+        parts = [self._response_scores(out.prompt_logprobs, len(out.prompt_token_ids) - len(r), list(r), k, i)
+                 for i, (out, r) in enumerate(zip(outputs, responses))]
         scores = TeacherScores.from_sequences(parts, k)
         self.stats["score_s"] += time.perf_counter() - start
         self.stats["tokens"] += int(scores.offsets[-1])
@@ -99,11 +110,14 @@ class TeacherEngine(RolloutEngine):
         self.llm.collective_rpc(_repack_vocab_layers)
         return time.perf_counter() - start
 
-    def score_as(self, teacher_name: str, weights_box: list, prompts, responses, k: int) -> tuple[TeacherScores, dict]:
+    def score_as(self, teacher_name: str, weights_box: list, prompts, responses, k: int,
+                 step_mm_prompts: list | None = None, rows: list[int] | None = None) -> tuple[TeacherScores, dict]:
         """Swap in `teacher_name`'s weights if another teacher is resident, then score.
 
         weights_box: [ObjectRef] of the teacher's [(hf_name, numpy array)] in Ray's object store, boxed in a list
-        so Ray does not fetch it unless a swap is needed."""
+        so Ray does not fetch it unless a swap is needed. step_mm_prompts: the whole step's MultimodalPrompts (one
+        object in Ray's store per step, shared by every call of the step); rows: which of them are these
+        sequences'."""
         swap_s = 0.0
         if teacher_name != self.teacher_name:
             start = time.perf_counter()
@@ -115,7 +129,8 @@ class TeacherEngine(RolloutEngine):
             self.stats["swaps"] += 1
             self.stats["swap_s"] += swap_s
         start = time.perf_counter()
-        scores = self.score(prompts, responses, k)
+        mm_prompts = [step_mm_prompts[i] for i in rows] if step_mm_prompts is not None else None
+        scores = self.score(prompts, responses, k, mm_prompts)
         return scores, {"swap_s": swap_s, "score_s": time.perf_counter() - start, "tokens": int(scores.offsets[-1])}
 
     def resident(self) -> str:

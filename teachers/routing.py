@@ -1,7 +1,8 @@
 """Routing: every sample goes to exactly ONE teacher, chosen by a field of its dataset row.
 
 The field is `algorithm.route_key` (default `data_source`; a dotted path such as `extra_info.domain` reaches into
-nested objects). A value no teacher serves is an error, never a silent default, and it is found at start-up by
+nested objects). `route_key: modality` routes by the row's media instead: `video` (a row with videos), `image`
+(with images), `text` (neither), so text-only and vision-language teachers can split one dataset. A value no teacher serves is an error, never a silent default, and it is found at start-up by
 scanning the whole dataset (`check_dataset_routing`), not hundreds of steps in. Teachers are never averaged.
 Imports nothing heavy, so `posttrain validate` can run it.
 """
@@ -17,8 +18,20 @@ class RoutingError(RecipeError):
     """A row whose routing label no teacher serves, or a row without the routing field."""
 
 
+MODALITY = "modality"
+MODALITY_LABELS = ("image", "video", "text")
+
+
+def row_modality(row: dict) -> str:
+    """`video` for a row with videos, `image` for one with images, else `text`."""
+    return "video" if row.get("videos") else "image" if row.get("images") else "text"
+
+
 def route_value(row: dict, route_key: str) -> Any:
-    """The row's routing label: `row[a][b]...` for route_key "a.b...". Raises KeyError if a part is missing."""
+    """The row's routing label: its modality for route_key "modality", else `row[a][b]...` for route_key "a.b...".
+    Raises KeyError if a part is missing."""
+    if route_key == MODALITY:
+        return row_modality(row)
     node: Any = row
     for part in route_key.split("."):
         if not isinstance(node, dict) or part not in node:

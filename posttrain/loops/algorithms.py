@@ -110,17 +110,16 @@ class MOPD:
                                 rl_clip_low=m.rl_mix.clip_low, rl_clip_high=m.rl_mix.clip_high)
 
     def prepare(self, recipe, data) -> None:
-        from teachers.checks import check_teachers
+        from teachers.checks import check_teachers, check_teachers_see_media
         from teachers.routing import TeacherRouter
 
-        if data.train_mm or data.eval_mm:
-            from posttrain.config import RecipeError
-            raise RecipeError("algorithm.type mopd with image/video rows: cross-modal MOPD (VL teachers scoring "
-                              "with the same media) is not built yet; use gspo or grpo for vision-language data")
-        check_teachers(recipe)                                   # paths, tokenizer, vocabulary, architecture
+        check_teachers(recipe)                      # paths, tokenizer, vocabulary, engines for the architectures
         self.router = TeacherRouter(self.settings.teachers, self.settings.route_key)
         self.row_teacher = self.router.route_rows(data.train_rows, "train")   # unknown labels fail here
-        self.router.route_rows(data.eval_rows, "eval")
+        eval_teacher = self.router.route_rows(data.eval_rows, "eval")
+        # Rows with images or videos: their teacher must be a vision-language model (it scores with the media).
+        check_teachers_see_media(self.settings.teachers, data.train_rows, self.row_teacher, "train")
+        check_teachers_see_media(self.settings.teachers, data.eval_rows, eval_teacher, "eval")
         self.tokenizer = data.tokenizer
 
     def start(self, recipe, actors: list) -> None:
@@ -133,12 +132,13 @@ class MOPD:
                                                            token_strings_from_ids)
         m = self.settings
         teacher_index = [self.row_teacher[i] for i in batch.row_index]
-        # 1. routed teachers score the student's token ids (grouped by teacher, engines swap weights) ----------
+        # 1. routed teachers score the student's token ids, with the media (grouped by teacher, swaps) ---------
         with timer.span("teacher"):
-            teacher_scores, teacher_metrics = self.pool.score(batch.prompts, batch.responses, teacher_index)
+            teacher_scores, teacher_metrics = self.pool.score(batch.prompts, batch.responses, teacher_index,
+                                                              batch.mm_prompts)
         with timer.span("update"):
             # 2. π_old top-k; token weights, loop points and the optional RL-mix advantages (all at θ_old) -----
-            student_scores = trainer.compute_topk(batch.prompts, batch.responses, m.top_k)
+            student_scores = student_topk(trainer, batch.prompts, batch.responses, m.top_k, batch.mm_prompts)
             raw_weights = None
             if m.category_weights:
                 special = set(self.tokenizer.all_special_ids)
@@ -173,7 +173,9 @@ class MOPD:
                 for diagnostic_only in ("cand_teacher_logprobs", "mask"):   # loss_mask goes to the trainer
                     arrays.pop(diagnostic_only)
                 updates.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
-                                                       [batch.responses[k] for k in idx], arrays))
+                                                       [batch.responses[k] for k in idx], arrays,
+                                                       [batch.mm_prompts[k] for k in idx] if batch.mm_prompts
+                                                       else None))
         return {**diagnostics, **teacher_metrics, **mean_metrics(updates)}
 
     def progress(self, record: dict) -> dict[str, str]:
@@ -186,6 +188,20 @@ class MOPD:
         window = max(3, len(rkl) // 10)
         return {"reverse_kl_first": statistics.fmean(rkl[:window]) if rkl else None,
                 "reverse_kl_last": statistics.fmean(rkl[-window:]) if rkl else None, "reverse_kl_window": window}
+
+
+def student_topk(trainer, prompts: list[list[int]], responses: list[list[int]], k: int, mm_prompts: list | None
+                 ) -> TeacherScores:
+    """π_old top-k of every sample (TrainerGroup.compute_topk), with each sample's media for a vision-language
+    student. TrainerGroup.compute_topk does not forward media (yet): with media, the same even, in-order split
+    over the ranks is done here."""
+    if not mm_prompts:
+        return trainer.compute_topk(prompts, responses, k)
+    import ray
+    refs = [rank.compute_topk.remote([prompts[i] for i in idx], [responses[i] for i in idx], k,
+                                     [mm_prompts[i] for i in idx])
+            for rank, idx in zip(trainer.ranks, trainer._shares(len(prompts))) if idx]
+    return TeacherScores.from_sequences([p.sequence(i) for p in ray.get(refs) for i in range(p.num_sequences)], k)
 
 
 ALGORITHMS = {"gspo": GSPO, "grpo": GRPO, "mopd": MOPD}

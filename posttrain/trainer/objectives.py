@@ -74,14 +74,15 @@ class MOPDObjective:
     GSPO RL mix: `mopd_objective` over the driver's arrays (posttrain.algorithms.mopd.MOPDBatch fields; T = longest
     response of the mini-batch): cand_ids, cand_old_logprobs, cand_adv, cand_mask [n,T,k]; token_weights,
     sampled_old_logprobs, sampled_teacher_logprobs, optional gate [n,T]; loop_start [n]; optional
-    outcome_advantages [n]."""
+    outcome_advantages [n]. mm_prompts: each sample's MultimodalPrompt (None: text) for a vision-language student,
+    whose hidden states are taken at the response positions after the media pads' expansion."""
     settings: "MOPDLossSettings"
 
     def loss(self, rank, prompts, responses, arrays, mm_prompts=None):
         from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics, mopd_objective
 
         chunk = rank.settings.logprob_chunk_size
-        hidden, resp_ids, mask = rank.response_hidden(prompts, responses, arrays["cand_ids"].shape[1])
+        hidden, resp_ids, mask = rank.response_hidden(prompts, responses, arrays["cand_ids"].shape[1], mm_prompts)
         arrays = dict(arrays)
         if "loss_mask" in arrays:   # multi-turn: the student is distilled on its own tokens only
             mask = mask * torch.as_tensor(arrays.pop("loss_mask"), dtype=mask.dtype, device=mask.device)

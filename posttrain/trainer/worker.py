@@ -186,25 +186,47 @@ class TrainerRank:
         return sequence_token_logprobs(self.model, batch["input_ids"].to(self.device),
                                        batch["attention_mask"].to(self.device), self.settings.logprob_chunk_size)
 
-    def response_hidden(self, prompts: list[list[int]], responses: list[list[int]], num_tokens: int):
+    def response_hidden(self, prompts: list[list[int]], responses: list[list[int]], num_tokens: int,
+                        mm_prompts: list | None = None):
         """Final hidden states at the response positions: hidden [n,T,H], response ids [n,T] (0-padded), mask
-        [n,T]. Position j of sequence i is response token j, predicted from hidden state P_i − 1 + j."""
-        batch = pack_sequences(prompts, responses, self.pad_id)
-        ids = batch["input_ids"].to(self.device)
-        attn = batch["attention_mask"].to(self.device)
-        body = self.model.get_decoder()
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-        hidden = body(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state   # [n,L,H]
+        [n,T]. Position j of sequence i is response token j, predicted from hidden state P_i − 1 + j, where P_i is
+        the prompt's length (for a vision-language model: after its media pads were expanded, with the pixels)."""
+        if self.processor is None:
+            batch = pack_sequences(prompts, responses, self.pad_id)
+            ids = batch["input_ids"].to(self.device)
+            attn = batch["attention_mask"].to(self.device)
+            body = self.model.get_decoder()
+            position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+            hidden = body(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state  # [n,L,H]
+            prompt_lens = [len(p) for p in prompts]
+        else:
+            batch, prompt_lens = self.pack(prompts, responses, mm_prompts)
+            hidden = self._vl_hidden(batch)                                                          # [n,L,H]
         n = len(prompts)
         index = torch.zeros((n, num_tokens), dtype=torch.long, device=self.device)
         resp_ids = torch.zeros((n, num_tokens), dtype=torch.long, device=self.device)
         mask = torch.zeros((n, num_tokens), dtype=torch.float32, device=self.device)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            index[i, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=self.device)
+        for i, (p_len, r) in enumerate(zip(prompt_lens, responses)):
+            index[i, :len(r)] = torch.arange(p_len - 1, p_len - 1 + len(r), device=self.device)
             resp_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long, device=self.device)
             mask[i, :len(r)] = 1.0
         hidden_resp = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))          # [n,T,H]
         return hidden_resp, resp_ids, mask
+
+    def _vl_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The VLM body's final hidden states [n,L,H] of a pack_vl_sequences batch, with its pixels and explicit
+        3-D rotary positions (the inputs posttrain.vl.logprobs.vl_sequence_token_logprobs gives the body)."""
+        from posttrain.vl.logprobs import PIXEL_KEYS, vl_position_ids
+
+        dtype = self.lm_head_weight.dtype
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "response_mask"}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(dtype)
+        return self.model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                position_ids=vl_position_ids(self.model, inputs),
+                                mm_token_type_ids=inputs["mm_token_type_ids"],
+                                **{k: inputs[k] for k in PIXEL_KEYS if k in inputs}).last_hidden_state
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -250,9 +272,11 @@ class TrainerRank:
         return out
 
     @torch.no_grad()
-    def compute_topk(self, prompts: list[list[int]], responses: list[list[int]], k: int):
+    def compute_topk(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+                     mm_prompts: list | None = None):
         """The policy's top-k (ids, log-probs) and log π(y_t) of the sampled token at every response position,
-        chunked over tokens (never [T, V] logits), in the teachers' compact layout (teachers.scores)."""
+        chunked over tokens (never [T, V] logits), in the teachers' compact layout (teachers.scores).
+        mm_prompts: each sample's MultimodalPrompt (None: text) for a vision-language student."""
         from teachers.scores import TeacherScores
 
         self.model.eval()
@@ -260,7 +284,8 @@ class TrainerRank:
         parts = []
         for s in range(0, len(prompts), mb):
             P, R = prompts[s:s + mb], responses[s:s + mb]
-            hidden, resp_ids, _ = self.response_hidden(P, R, max(len(r) for r in R))
+            hidden, resp_ids, _ = self.response_hidden(P, R, max(len(r) for r in R),
+                                                       mm_prompts[s:s + mb] if mm_prompts else None)
             ids, lps, tok = chunked_topk_and_token_logprobs(hidden, self.lm_head_weight, k, resp_ids, chunk)
             ids, lps, tok = ids.cpu().numpy(), lps.float().cpu().numpy(), tok.float().cpu().numpy()
             for i, r in enumerate(R):

@@ -124,9 +124,13 @@ def test_teacher_checks_name_the_teacher_and_the_fix(tmp_path, tiny_family):
     cfg = json.loads((other_arch / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (other_arch / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(TeacherConfigError, match=r"teacher 'deep'.*architecture differs from teacher 'add'"):
-        check_teachers(_recipe(student, [{"name": "add", "path": tiny_family["add"], "labels": ["a"]},
-                                         {"name": "deep", "path": str(other_arch), "labels": ["b"]}]))
+    # Another architecture gets its own engine group: accepted with an engine for each, refused with one.
+    two_archs = [{"name": "add", "path": tiny_family["add"], "labels": ["a"]},
+                 {"name": "deep", "path": str(other_arch), "labels": ["b"]}]
+    check_teachers(_recipe(student, two_archs, resident_engines=2))
+    with pytest.raises(TeacherConfigError, match=r"2 architectures \(\[add\] .*\[deep\] .*num_hidden_layers.*"
+                                                  r"Set algorithm.resident_engines: 2"):
+        check_teachers(_recipe(student, two_archs))
 
 
 @pytest.mark.unit
