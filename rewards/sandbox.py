@@ -28,6 +28,9 @@ Two ways to run:
   * `run(argv, trusted_supervisor=True)`: a trusted supervisor (the code judge's harness) that keeps
     CAP_SETUID/SETGID/KILL inside the namespaces and drops each child it starts by itself; it learns
     the slot uid from $POSTTRAIN_SANDBOX_UID. Untrusted code never runs with those capabilities.
+  * `spawn(argv)`: an untrusted command started and left running (a `SandboxProcess`: pipes and `kill()`),
+    for a long-lived program the caller feeds over its pipes under its own time and output limits (the
+    python tool's per-trajectory interpreter, envs/python.py).
 """
 from __future__ import annotations
 
@@ -263,26 +266,9 @@ class Sandbox:
                 os.write(fd, content) if len(content) < (1 << 16) else _write_all(fd, content)
                 os.lseek(fd, 0, os.SEEK_SET)
                 memfds[name] = fd
+            seccomp_fd = _seccomp_memfd(trusted_supervisor)
             uid = slot.uid if slot else os.getuid()
-            seccomp = _seccomp.filter_program(protect_supervisor=trusted_supervisor)
-            if seccomp is not None:
-                seccomp_fd = os.memfd_create("sandbox-seccomp")
-                _write_all(seccomp_fd, seccomp)
-                os.lseek(seccomp_fd, 0, os.SEEK_SET)
-            cmd = self._bwrap_argv(limits, memfds, trusted_supervisor, uid, seccomp_fd)
-            run_env = self._env(env, WORK_DIR)
-            if trusted_supervisor:
-                run_env[SUPERVISOR_UID_ENV] = str(uid)
-                run_env[SUPERVISOR_PIDNS_ENV] = "1"  # it may kill(-1): only ever inside a PID namespace
-            for key, value in run_env.items():
-                cmd += ["--setenv", key, value]
-            cmd += ["--"]
-            if not trusted_supervisor:
-                if self.privileged:
-                    cmd += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                            "--inh-caps=-all", "--no-new-privs", "--"]
-                cmd += ["prlimit", *limits.rlimit_args(), "--"]
-            cmd += list(argv)
+            cmd = self._command(argv, memfds, env, limits, trusted_supervisor, uid, seccomp_fd)
             pass_fds = (*memfds.values(), *([seccomp_fd] if seccomp_fd is not None else []))
             return _communicate(cmd, stdin, limits, on_stdout, pass_fds=pass_fds, mechanism="bwrap")
         finally:
@@ -290,6 +276,56 @@ class Sandbox:
                 os.close(fd)
             if slot:
                 slot.release()
+
+    def _command(self, argv, memfds, env, limits, trusted_supervisor, uid, seccomp_fd) -> list[str]:
+        """The full bwrap command line running argv (dropped to `uid` and rlimited unless a trusted supervisor)."""
+        cmd = self._bwrap_argv(limits, memfds, trusted_supervisor, uid, seccomp_fd)
+        run_env = self._env(env, WORK_DIR)
+        if trusted_supervisor:
+            run_env[SUPERVISOR_UID_ENV] = str(uid)
+            run_env[SUPERVISOR_PIDNS_ENV] = "1"  # it may kill(-1): only ever inside a PID namespace
+        for key, value in run_env.items():
+            cmd += ["--setenv", key, value]
+        cmd += ["--"]
+        if not trusted_supervisor:
+            if self.privileged:
+                cmd += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                        "--inh-caps=-all", "--no-new-privs", "--"]
+            cmd += ["prlimit", *limits.rlimit_args(), "--"]
+        return cmd + list(argv)
+
+    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              limits: SandboxLimits | None = None) -> "SandboxProcess":
+        """Start argv in a fresh sandbox (same isolation as `run`) and return at once: a long-lived program the
+        caller talks to over its pipes (the python tool's interpreter). The caller enforces time and output
+        limits (limits.wall_s and the output caps are not applied here; rlimits and the tmpfs are) and must
+        `kill()` it; it dies with the thread that spawned it too (bwrap --die-with-parent: a prctl death
+        signal), so it cannot outlive this process."""
+        limits = limits or self.limits
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     start_new_session=True, close_fds=True)
+        if self.mechanism == "unsafe":
+            work = tempfile.mkdtemp(prefix="posttrain-unsafe-")
+            run_env = self._env(env, work)
+            run_env["POSTTRAIN_SANDBOX_WORK_DIR"] = work
+            popen = subprocess.Popen(["prlimit", *limits.rlimit_args(), "--", *argv], cwd=work, env=run_env,
+                                     **pipes)
+            return SandboxProcess(popen, "unsafe", lambda: shutil.rmtree(work, ignore_errors=True))
+        slot = _UidSlot() if self.privileged else None
+        seccomp_fd = None
+        try:
+            seccomp_fd = _seccomp_memfd(False)
+            cmd = self._command(argv, {}, env, limits, False, slot.uid if slot else os.getuid(), seccomp_fd)
+            popen = subprocess.Popen(cmd, pass_fds=(seccomp_fd,) if seccomp_fd is not None else (), env={},
+                                     **pipes)
+        except BaseException:
+            if slot:
+                slot.release()
+            raise
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)   # bwrap holds its own copy
+        return SandboxProcess(popen, "bwrap", slot.release if slot else (lambda: None))
 
     def _run_unsafe(self, argv, stdin, files, env, limits, trusted_supervisor, on_stdout) -> SandboxResult:
         work = tempfile.mkdtemp(prefix="posttrain-unsafe-")
@@ -388,14 +424,65 @@ def _communicate(cmd: list[str], stdin: bytes, limits: SandboxLimits,
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if not pipe.closed:
                 pipe.close()
-    code = proc.returncode
-    if mechanism == "bwrap" and code > 128:
-        code = 128 - code  # bwrap reports a program killed by signal N as exit status 128 + N
+    exit_code, killed_by = _exit_status(proc.returncode, mechanism)
     return SandboxResult(
-        exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
+        exit_code=exit_code, signal=killed_by,
         stdout=b"".join(chunks[proc_stdout_fd]), stderr=b"".join(chunks[proc_stderr_fd]),
         wall_s=time.monotonic() - start, timed_out=timed_out, output_limited=output_limited,
         stopped=stopped, mechanism=mechanism)
+
+
+def _exit_status(code: int, mechanism: str) -> tuple[int | None, int | None]:
+    """(exit code, signal) of a finished sandboxed program; exactly one is None."""
+    if mechanism == "bwrap" and code > 128:
+        code = 128 - code  # bwrap reports a program killed by signal N as exit status 128 + N
+    return (code, None) if code >= 0 else (None, -code)
+
+
+def _seccomp_memfd(trusted_supervisor: bool) -> int | None:
+    """A memfd holding the seccomp filter for bwrap's --seccomp (None where there is no filter for this arch)."""
+    program = _seccomp.filter_program(protect_supervisor=trusted_supervisor)
+    if program is None:
+        return None
+    fd = os.memfd_create("sandbox-seccomp")
+    _write_all(fd, program)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+class SandboxProcess:
+    """A long-lived program started by `Sandbox.spawn`: `popen` (its stdin, stdout, stderr pipes) and its end.
+    `kill()` ends everything in its sandbox, waits for it and frees its uid slot; idempotent, thread-safe."""
+
+    def __init__(self, popen: subprocess.Popen, mechanism: str, release: Callable[[], None]):
+        self.popen, self.mechanism = popen, mechanism
+        self._release = release
+        self._lock = threading.Lock()
+        self.killed = False
+
+    def status(self, wait_s: float = 0.0) -> tuple[int | None, int | None] | None:
+        """(exit code, signal) once it has ended (waiting up to wait_s), else None."""
+        try:
+            code = self.popen.wait(timeout=wait_s) if wait_s > 0 else self.popen.poll()
+        except subprocess.TimeoutExpired:
+            return None
+        return None if code is None else _exit_status(code, self.mechanism)
+
+    def kill(self, close_pipes: bool = True) -> None:
+        """close_pipes=False from a thread other than the one reading them: closing an fd that another thread
+        waits on in select/epoll would hide the end of file it should see."""
+        with self._lock:
+            if not self.killed:
+                self.killed = True
+                _kill_group(self.popen)
+                self.popen.wait()
+                self._release()
+            if close_pipes:
+                for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
