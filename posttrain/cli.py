@@ -284,6 +284,11 @@ def _cmd_toy_vl(args) -> int:
     import posttrain.vl  # noqa: F401 — torchvision's operator schemas before any processor import
     from posttrain.vl import toy
     domains = args.domains.split(",")
+    if args.toy_cmd == "build-vl" and args.text_teacher:
+        info = toy.build_vl_text_teacher(args.out, domains=domains, sft_steps=args.sft_steps, sft_rows=args.sft_rows,
+                                         seed=args.seed, lr=args.lr, device=args.device)
+        print(json.dumps(info))
+        return 0
     if args.toy_cmd == "build-vl":
         info = toy.build_toy_vl(args.out, domains=domains, sft_steps=args.sft_steps, sft_rows=args.sft_rows,
                                 habit_rate=args.habit_rate, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
+    v.add_argument("--text-teacher", action="store_true",
+                   help="build instead a text-only Qwen3 teacher with the toy VLM's tokenizer, warmed up on the TEXT "
+                        "toy domains named by --domains (e.g. tspan): the text teacher of cross-modal MOPD")
     vd = toy.add_parser("data-vl", help="write OUT_DIR/vl-DOMAIN/{train,eval}.jsonl and their images/videos")
     vd.add_argument("--out-dir", required=True)
     vd.add_argument("--domains", default="ground,count,ocr,video")

@@ -360,6 +360,26 @@ def build_toy_vl(out_dir: str, *, domains: list[str] = tuple(VL_DOMAINS), sft_st
             "loss_curve_every_50": losses[::50]}
 
 
+def build_vl_text_teacher(out_dir: str, *, domains: list[str], sft_steps: int = 600, sft_rows: int = 4000,
+                          hidden_size: int = 128, seed: int = 0, lr: float = 3e-3, device: str = "cpu") -> dict:
+    """A text-only teacher for cross-modal MOPD: a Qwen3 causal LM (text architecture, no vision tower) with the
+    toy VLM's tokenizer and vocabulary, warmed up on text toy domains (posttrain.toy.tasks, no bad habits), so it
+    can score the VL student's text-only samples. Same ids as the student: the tokenizer is rebuilt by
+    vl_tokenizer(seed), which is deterministic; `posttrain validate` checks the fingerprint against the student."""
+    from posttrain.toy.build import build_model, supervised_warmup
+    from posttrain.toy.tasks import make_rows
+
+    tokenizer = vl_tokenizer(seed)
+    model = build_model(tokenizer, hidden_size=hidden_size, layers=2, seed=seed)
+    rows = make_rows(list(domains), sft_rows, seed, "sft")
+    losses = supervised_warmup(model, tokenizer, rows, steps=sft_steps, seed=seed, lr=lr, device=device) \
+        if sft_steps else []
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"final_sft_loss": losses[-1] if losses else None, "params": sum(p.numel() for p in model.parameters())}
+
+
 def evaluate_vl(model, processor, domains: list[str], *, n: int = 64, seed: int = 0, temperature: float = 1.0,
                 max_new_tokens: int = 24, device: str = "cpu") -> dict[str, float]:
     """Mean reward per domain on `n` held-out ("eval" split) examples each, one sample per example, generated
