@@ -23,6 +23,7 @@ session that is garbage-collected or whose host process exits is killed too (a f
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -86,6 +87,9 @@ while True:
     os.write(1, ("\n" + frame["end"] + "\n").encode())
 """
 
+# Starts asked for ahead of the first call. Its threads live as long as the process: bwrap's --die-with-parent
+# kills a sandbox when the THREAD that spawned it exits.
+_PRESTARTER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="posttrain-python-start")
 _STARTUP_S = 10.0   # wall clock for a sandbox to start and its interpreter to read frames (a loaded machine)
 
 
@@ -139,6 +143,18 @@ class PythonSession:
         if len(text) > self.max_output_chars:
             text = text[:self.max_output_chars] + f"\n... (output truncated at {self.max_output_chars} chars)"
         return notice + (text or "(no output)")
+
+    def prestart(self) -> None:
+        """Start the interpreter in the background now, so that the first call finds it running."""
+        _PRESTARTER.submit(self._prestart)
+
+    def _prestart(self) -> None:
+        with self._lock:
+            if self.process is None and not self.closed:
+                try:
+                    self._start()
+                except Exception:   # noqa: BLE001 - the first call starts it again and reports what failed
+                    pass
 
     def close(self) -> None:
         """Kill the interpreter (idempotent); later calls are refused."""
@@ -251,14 +267,17 @@ class PythonSession:
 class PythonEnv(ToolEnv):
     """Arithmetic (or anything) with a Python interpreter. Final answer `Answer: N`, scored by `answer_reward`
     (default: the toy's exact integer match). `allow_unsafe`: where bubblewrap cannot run, execute the model's
-    code as a plain rlimited subprocess (rewards.sandbox's unsafe mode; never on a shared machine)."""
+    code as a plain rlimited subprocess (rewards.sandbox's unsafe mode; never on a shared machine). `prestart`:
+    start the episode's interpreter when the episode begins instead of at its first call (a sandbox for every
+    episode, including those that never call the tool; the start overlaps the engine's first turn)."""
 
     def __init__(self, row: dict, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 1000,
                  answer_reward: str = "posttrain.toy.rewards:exact_answer", allow_unsafe: bool = False,
-                 restore_after_restart: bool = True, **kwargs):
+                 restore_after_restart: bool = True, prestart: bool = False, **kwargs):
         super().__init__(row, answer_reward=answer_reward, **kwargs)
         self.session = PythonSession(timeout_s=timeout_s, memory_mb=memory_mb, max_output_chars=max_output_chars,
                                      allow_unsafe=allow_unsafe, restore_after_restart=restore_after_restart)
+        self.prestart = prestart
         # The host-side wait must outlast the session's own limits (a sandbox start, a restore, then the cell),
         # which report a timeout properly.
         self.tools["python"] = dataclasses.replace(self.tools["python"], timeout_s=2 * timeout_s + _STARTUP_S + 10.0)
@@ -271,6 +290,11 @@ class PythonEnv(ToolEnv):
             code: Python source to run
         """
         return self.session.run(code)
+
+    def initial_observation(self):
+        if self.prestart:   # the sandbox starts while the engine samples the first turn
+            self.session.prestart()
+        return super().initial_observation()
 
     def close(self) -> None:
         self.session.close()

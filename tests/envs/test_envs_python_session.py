@@ -175,3 +175,23 @@ def test_no_interpreter_outlives_its_episode():
     worker.join(timeout=5)
     assert not worker.is_alive() and time.monotonic() - start < 5 and errors[0].value.kind == "tool_crash"
     assert left_after(before) == set()
+
+
+@pytest.mark.integration
+def test_prestart_starts_the_interpreter_when_the_episode_begins():
+    before = set(surviving(SERVER_MARK))
+    env = PythonEnv({"prompt": [{"role": "user", "content": "6*7?"}], "reward_model": {"ground_truth": "42"}},
+                    prestart=True)
+    env.initial_observation()
+    deadline = time.monotonic() + 10
+    while env.session.process is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert env.session.starts == 1 and len(left_after(before, within_s=0)) >= 1    # running before any call
+    assert env.session.run("6 * 7") == "42" and env.session.starts == 1
+    env.close()
+    assert left_after(before) == set()
+    lazy = PythonEnv({"prompt": [{"role": "user", "content": "6*7?"}]})
+    lazy.initial_observation()
+    time.sleep(0.2)
+    assert lazy.session.starts == 0 and lazy.session.process is None                 # the default starts at a call
+    lazy.close()

