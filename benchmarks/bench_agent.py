@@ -223,6 +223,50 @@ def rollout(engine, trajectories: int, rounds: int, session: str) -> dict:
             "mean": {k: round(statistics.mean(rec[k] for rec in per_round), 3) for k in keys}}
 
 
+def loop_share(steps: int, run_dir: str) -> dict:
+    """Share of training-step time spent in environment steps (tools), in the real loop: `posttrain run
+    recipes/agent-quickstart.yaml` for `steps` steps (no evaluation, one checkpoint at the end) with every
+    ToolEnv.step timed (the environments live in the driver process, this one). Step 1 (compilation, first engine
+    batch) is left out: the share is the union of env-step time after the second rollout began / the summed
+    time/step_s of steps 2..N."""
+    import shutil
+
+    import envs.base
+    import posttrain.loops.run as loop
+    from posttrain.cli import main as posttrain_main
+    clock, rollout_starts = StepClock(), []
+    plain_step, plain_generate = envs.base.ToolEnv.step, loop.generate_episodes
+
+    def timed_step(self, action):
+        start = time.perf_counter()
+        try:
+            return plain_step(self, action)
+        finally:
+            with clock.lock:
+                clock.intervals.append((start, time.perf_counter()))
+
+    def marked_generate(*args, **kwargs):
+        rollout_starts.append(time.perf_counter())
+        return plain_generate(*args, **kwargs)
+
+    envs.base.ToolEnv.step, loop.generate_episodes = timed_step, marked_generate
+    shutil.rmtree(run_dir, ignore_errors=True)
+    code = posttrain_main(["run", os.path.join(REPO, "recipes/agent-quickstart.yaml"), f"total_steps={steps}",
+                           "data.eval_files=[]", "checkpoint.every=1000", "--run-dir", run_dir, "--no-progress"])
+    assert code == 0, f"posttrain run exited {code}"
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    steps_logged = [r for r in records if "time/step_s" in r]
+    since = rollout_starts[1]
+    clock.intervals = [(max(a, since), b) for a, b in clock.intervals if b > since]
+    keep = ("time/step_s", "time/rollout_s", "time/reward_s", "time/update_s", "time/sync_s", "env/tool_calls_mean",
+            "env/tool_latency_s/python/mean", "env/tool_latency_s/search/mean", "env/turns_mean")
+    step_s = sum(r["time/step_s"] for r in steps_logged[1:])
+    return {"steps": len(steps_logged), "tool_share_of_step_time": round(clock.busy_s() / step_s, 4),
+            "env_step_s_after_step1": round(clock.busy_s(), 3), "step_s_after_step1": round(step_s, 3),
+            "per_step": [{k: round(r[k], 4) for k in keep if k in r} for r in steps_logged]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="timed rollout rounds (after one warm-up round)")
@@ -231,6 +275,9 @@ def main():
     parser.add_argument("--session", choices=["long-lived", "long-lived-prestart", "replay", "all"], default="all",
                         help="python session design(s) for the rollout part")
     parser.add_argument("--skip-rollout", action="store_true")
+    parser.add_argument("--loop-steps", type=int, default=0,
+                        help="also run the agent-quickstart recipe this many steps and time its tools (0: no)")
+    parser.add_argument("--loop-run-dir", default="/tmp/posttrain-bench-agent-run")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -244,6 +291,9 @@ def main():
         from posttrain.rollout.engine import RolloutEngine
         engine = RolloutEngine(MODEL, max_model_len=1024, seed=0)
         results["rollout"] = [rollout(engine, args.trajectories, args.rounds, d) for d in designs]
+    if args.loop_steps:
+        results["loop"] = loop_share(args.loop_steps, args.loop_run_dir)
+        print(json.dumps(results["loop"]), flush=True)
     results["loadavg_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

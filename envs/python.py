@@ -43,7 +43,9 @@ from envs.tools import ToolError, tool
 # /dev/null, so input() in a cell sees end of file instead of eating the next frame); stderr is merged into
 # stdout so a flood on either is caught by the one cap.
 _SERVER = r"""
-import ast, json, os, random, resource, struct, sys, traceback
+import sys
+sys.path.extend(sys.argv[1:])   # site-packages, without running the host's .pth files (started with -S)
+import ast, json, os, random, resource, struct, traceback
 frames = os.fdopen(os.dup(0), "rb", buffering=0)
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.dup2(1, 2)
@@ -91,6 +93,13 @@ while True:
 # kills a sandbox when the THREAD that spawned it exits.
 _PRESTARTER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="posttrain-python-start")
 _STARTUP_S = 10.0   # wall clock for a sandbox to start and its interpreter to read frames (a loaded machine)
+
+
+def _site_packages() -> list[str]:
+    """The installed packages' directories, for the interpreter started with -S: the site module and its .pth
+    files (an editable install's finder, import hooks) cost ~50 ms per start and serve nothing in the sandbox."""
+    import site
+    return [p for p in (*site.getsitepackages(), site.getusersitepackages()) if os.path.isdir(p)]
 
 
 class PythonSession:
@@ -170,7 +179,8 @@ class PythonSession:
         from rewards.sandbox import default_sandbox
         if self.sandbox is None:
             self.sandbox = default_sandbox(self.allow_unsafe)
-        self.process = self.sandbox.spawn([sys.executable, "-I", "-c", _SERVER], limits=self.limits)
+        self.process = self.sandbox.spawn([sys.executable, "-I", "-S", "-c", _SERVER, *_site_packages()],
+                                          limits=self.limits)
         self.starts += 1
         # A session dropped without close() (an exception between make_env_group and run_multiturn's close)
         # still kills its sandbox when it is collected or when this process exits.
