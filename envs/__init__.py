@@ -7,3 +7,6 @@ from envs.tools import ERROR_KINDS, Tool, ToolCall, ToolError, parse_tool_calls,
 __all__ = ["BUILTIN_ENVS", "ERROR_KINDS", "Env", "EnvSpecError", "Observation", "StepResult", "Tool", "ToolCall",
            "ToolEnv", "ToolError", "env_spec_of_row", "load_env", "make_env_group", "parse_tool_calls",
            "run_tool_call", "tool"]
+
+# The verifiers adapter (envs/verifiers_env.py): the verifiers package is optional and imported only when used.
+BUILTIN_ENVS.setdefault("verifiers", "envs.verifiers_env:VerifiersEnv")

@@ -1,0 +1,211 @@
+"""A real `verifiers` environment (classic API: vf.ToolEnv + vf.Rubric, written below with verifiers' own classes)
+run by posttrain's token-exact multi-turn driver through envs/verifiers_env.py, on the toy agent's tokenizer and
+chat template with a scripted policy. Needs the optional verifiers package (docs/envs.md, "verifiers
+environments"); without it every test here fails with the install line rather than skipping."""
+import asyncio
+import json
+
+import pytest
+
+from envs import EnvSpecError, make_env_group
+from posttrain.rollout.multiturn import ChatRenderer, MultiTurnLimits, run_multiturn
+from tests.envs.test_envs_multiturn import call, scripted_generate
+
+pytestmark = pytest.mark.integration
+
+try:
+    import verifiers as vf
+    from datasets import Dataset
+    from envs.verifiers_env import VerifiersExactnessError, load_verifiers_env, verifiers_rows
+except ImportError as missing:   # the test module is also loaded as the environment's file below
+    vf, MISSING = None, missing
+else:
+    MISSING = None
+
+THIS_FILE = __file__
+TOY_AGENT = "posttrain/toy/assets/toy-agent"
+QUESTION = "What is 4821*617?"
+
+
+# ------------------------------------------------------------------ the verifiers environment (verifiers' classes)
+
+def mul(a: int, b: int) -> str:
+    """Multiply two integers.
+
+    Args:
+        a: left factor
+        b: right factor
+    """
+    return str(a * b)
+
+
+def correct_answer(completion, answer, **kwargs) -> float:
+    return float((completion[-1].content or "").strip() == f"Answer: {answer}")
+
+
+def used_a_tool(completion, **kwargs) -> float:
+    return float(any(getattr(m, "tool_calls", None) for m in completion))
+
+
+class HistoryRewriter(vf.ToolEnv if vf else object):
+    """Strips the assistant's text from history, as a think-stripping env would: not append-only."""
+
+    async def add_trajectory_step(self, state, trajectory_step):
+        for message in trajectory_step["completion"]:
+            if message.role == "assistant" and message.content:
+                message.content = message.content.strip().upper()
+        await super().add_trajectory_step(state, trajectory_step)
+
+
+class NonLinear(vf.MultiTurnEnv if vf else object):
+    async def env_response(self, messages, state, **kwargs):
+        return [vf.UserMessage(content="again")]
+
+    async def get_prompt_messages(self, state):
+        return state["prompt"]           # every turn starts over from the prompt
+
+
+def load_environment(variant: str = "tool", system_prompt: str = "Use the tools.", **kwargs):
+    """A verifiers environment, built the way Hub environments are (load_environment -> vf.Environment)."""
+    dataset = Dataset.from_list([
+        {"question": QUESTION, "answer": "2974557", "info": {"level": 1}},
+        {"question": "What is 12*34?", "answer": "408", "info": {"level": 0}}])
+    rubric = vf.Rubric(funcs=[correct_answer, used_a_tool], weights=[1.0, 0.5])
+    if variant == "tool":
+        return vf.ToolEnv(dataset=dataset, tools=[mul], rubric=rubric, system_prompt=system_prompt, max_turns=4)
+    if variant == "rewrite":
+        return HistoryRewriter(dataset=dataset, tools=[mul], rubric=rubric, system_prompt=system_prompt)
+    if variant == "nonlinear":
+        return NonLinear(dataset=dataset, rubric=rubric, max_turns=3)
+    if variant == "group":
+        def relative(completions, **kwargs) -> list[float]:
+            return [0.0 for _ in completions]
+        return vf.ToolEnv(dataset=dataset, tools=[mul], rubric=vf.Rubric(funcs=[relative]))
+    raise ValueError(variant)
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def tok():
+    if MISSING is not None:
+        pytest.fail(f"verifiers is not installed ({MISSING}); install it as docs/envs.md says "
+                    "('verifiers environments')")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(TOY_AGENT)     # its chat template renders tools, calls and tool results
+
+
+def spec(variant="tool"):
+    return {"env_id": THIS_FILE, "env_args": {"variant": variant}}
+
+
+def rows(variant="tool"):
+    return verifiers_rows(THIS_FILE, {"variant": variant})
+
+
+def roll(tok, envs, scripts, **limits):
+    generate, seen = scripted_generate(tok, {seed: script for seed, script in enumerate(scripts)})
+    renderer = ChatRenderer(tok)
+    trajs = run_multiturn(envs, generate, renderer, seeds=list(range(len(envs))), limits=MultiTurnLimits(**limits))
+    return trajs, renderer
+
+
+def sampled_ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+# ------------------------------------------------------------------ tests
+
+def test_tool_env_runs_token_exact_and_is_scored_by_its_rubric(tok):
+    row = rows()[0]
+    (env,) = make_env_group(row, 1, default="verifiers", default_kwargs=spec())
+    turns = [call("mul", a=4821, b=617), "Answer: 2974557"]
+    (traj,), renderer = roll(tok, [env], [turns])
+    assert traj.end_reason == "done" and traj.num_turns == 2 and traj.tool_calls == 1
+
+    # The prompt is what verifiers sends its model: its system prompt, the question, its tool schema from mul().
+    assert traj.messages[:2] == [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": QUESTION}]
+    assert [t["function"]["name"] for t in traj.tools] == ["mul"]
+    assert "mul(a, b): Multiply two integers." in tok.decode(traj.prompt_ids)
+    # ids = prompt + sampled turn 1 + the rendered observation (verifiers' own tool answer) + sampled turn 2, exactly
+    tool_message = traj.messages[3]
+    assert tool_message["role"] == "tool" and tool_message["content"] == "2974557" and tool_message["tool_call_id"]
+    observation = renderer.observation_ids(traj.messages[:2], traj.tools, [tool_message], sampled_ids(tok, turns[0]))
+    expected = sampled_ids(tok, turns[0]) + observation + sampled_ids(tok, turns[1])
+    assert traj.prompt_ids == renderer.prompt_ids(traj.messages[:2], traj.tools)
+    assert traj.completion_ids == expected
+    n1, n2 = len(sampled_ids(tok, turns[0])), len(sampled_ids(tok, turns[1]))
+    assert traj.loss_mask == [1] * n1 + [0] * len(observation) + [1] * n2
+    # ... and the whole sequence is the chat template's rendering of verifiers' conversation (calls structured)
+    state = env.state
+    conversation = [m.model_dump(exclude_none=True) for m in [*state["prompt"], *state["completion"]]]
+    full = tok.apply_chat_template(conversation, tools=traj.tools, tokenize=False)
+    assert traj.prompt_ids + traj.completion_ids + tok("\n", add_special_tokens=False)["input_ids"] == \
+        tok(full, add_special_tokens=False)["input_ids"]
+
+    # The reward is the rubric's score: correct (1.0) + used a tool (0.5), with verifiers' own metrics alongside.
+    assert state["reward"] == 1.5 and traj.reward == 1.5 and traj.turn_rewards == [0.0, 1.5]
+    assert state["metrics"]["correct_answer"] == 1.0 and state["metrics"]["num_turns"] == 2
+    assert state["metrics"]["total_tool_calls"] == 1.0 and state["answer"] == "2974557"
+    assert state["info"] == {"level": 1}           # the row's info reaches the rollout
+
+
+def test_group_of_episodes_each_scored_on_its_own_and_answers_without_tools(tok):
+    row = rows()[1]
+    envs = make_env_group(row, 3, default="verifiers", default_kwargs=spec())
+    scripts = [["Answer: 408"],                                   # right, no tool: ToolEnv ends the episode
+               ["Answer: 999"],                                   # wrong
+               [call("mul", a=12, b=34), call("mul", a=1, b=1), "Answer: 408"]]
+    trajs, _ = roll(tok, envs, scripts)
+    assert [t.reward for t in trajs] == [1.0, 0.0, 1.5]
+    assert [t.num_turns for t in trajs] == [1, 1, 3] and [t.tool_calls for t in trajs] == [0, 0, 2]
+    assert [e.state["reward"] for e in envs] == [1.0, 0.0, 1.5]
+    for t in trajs:
+        assert all(t.loss_mask[a:b] == [1] * (b - a) for a, b in t.turn_spans)
+        assert sum(t.loss_mask) == sum(b - a for a, b in t.turn_spans)
+
+
+def test_malformed_call_is_counted_and_ends_as_vllm_hermes_parser_would(tok):
+    (env,) = make_env_group(rows()[0], 1, default="verifiers", default_kwargs=spec())
+    (traj,), _ = roll(tok, [env], [['<tool_call>{"name": "mul", "arguments": {"a": 1,}}</tool_call>']])
+    # vLLM's hermes parser gives an unparsable call back as plain content: verifiers' ToolEnv sees no call and stops.
+    assert traj.end_reason == "done" and traj.errors == {"bad_json": 1} and traj.tool_calls == 0
+    assert traj.reward == env.state["reward"] == 0.0
+
+
+def test_limit_reached_mid_rollout_cancels_the_verifiers_rollout(tok):
+    (env,) = make_env_group(rows()[0], 1, default="verifiers", default_kwargs=spec())
+    (traj,), _ = roll(tok, [env], [[call("mul", a=1, b=2), call("mul", a=3, b=4)]], max_turns=2)
+    assert traj.end_reason == "max_turns" and traj.reward == 0.0 and traj.num_turns == 2
+    assert env.task.done() and env.task.cancelled() and env.state is None
+
+
+def test_history_rewriting_env_is_refused_at_the_rewrite(tok):
+    (env,) = make_env_group(rows("rewrite")[0], 1, default="verifiers", default_kwargs=spec("rewrite"))
+    (traj,), _ = roll(tok, [env], [["let me compute " + call("mul", a=4821, b=617), "Answer: 2974557"]])
+    assert traj.end_reason == "env_error" and traj.errors == {"env_exception": 1}
+    assert "did not keep the policy's turn" in traj.messages[-1]["content"]
+    with pytest.raises(VerifiersExactnessError):
+        (env,) = make_env_group(rows("rewrite")[0], 1, default="verifiers", default_kwargs=spec("rewrite"))
+        env.initial_observation()
+        env.step("let me compute " + call("mul", a=1, b=2))
+
+
+def test_non_linear_and_group_rubric_envs_are_refused_before_any_rollout(tok):
+    with pytest.raises(EnvSpecError, match="overrides get_prompt_messages"):
+        load_verifiers_env(THIS_FILE, {"variant": "nonlinear"})
+    with pytest.raises(EnvSpecError, match="group rubric"):
+        load_verifiers_env(THIS_FILE, {"variant": "group"})
+    with pytest.raises(EnvSpecError, match="no load_environment|does not exist"):
+        make_env_group(rows()[0], 1, default="verifiers", default_kwargs={"env_id": "no/such/env.py"})
+    with pytest.raises(EnvSpecError, match="Could not import 'no-such-verifiers-env'"):
+        load_verifiers_env("no-such-verifiers-env")
+
+
+def test_rows_carry_the_environment_dataset(tok):
+    got = rows()
+    assert [r["reward_model"]["ground_truth"] for r in got] == ["2974557", "408"]
+    assert got[0]["prompt"] == [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": QUESTION}]
+    record = json.loads(got[1]["extra_info"]["verifiers"])
+    assert record["example_id"] == 1 and record["info"] == {"level": 0} and got[0]["data_source"].startswith("verifiers/")
+    assert asyncio.iscoroutinefunction(vf.ToolEnv.env_response)   # the classic API the adapter drives
