@@ -209,3 +209,24 @@ def test_rows_carry_the_environment_dataset(tok):
     record = json.loads(got[1]["extra_info"]["verifiers"])
     assert record["example_id"] == 1 and record["info"] == {"level": 0} and got[0]["data_source"].startswith("verifiers/")
     assert asyncio.iscoroutinefunction(vf.ToolEnv.env_response)   # the classic API the adapter drives
+
+
+def test_sampled_ids_that_do_not_round_trip_are_kept_as_sampled(tok):
+    # The policy may sample a non-canonical tokenisation (here one id per character); verifiers reads its text,
+    # but the trajectory keeps the sampled ids: nothing is re-tokenised from verifiers' messages.
+    (env,) = make_env_group(rows()[0], 1, default="verifiers", default_kwargs=spec())
+    text = call("mul", a=4821, b=617)
+    odd = [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]] + [tok.eos_token_id]
+    assert odd != sampled_ids(tok, text) and tok.decode(odd, skip_special_tokens=True) == text
+    answer = sampled_ids(tok, "Answer: 2974557")
+    replies = iter([odd, answer])
+
+    def generate(prompts, seeds, max_tokens):
+        return [{"token_ids": next(replies), "logprobs": None, "finish_reason": "stop"} for _ in prompts]
+
+    renderer = ChatRenderer(tok)
+    (traj,) = run_multiturn([env], generate, renderer, seeds=[0])
+    observation = renderer.observation_ids(traj.messages[:2], traj.tools, [traj.messages[3]], odd)
+    assert traj.completion_ids == odd + observation + answer
+    assert traj.loss_mask == [1] * len(odd) + [0] * len(observation) + [1] * len(answer)
+    assert env.state["completion"][1].content == "2974557" and traj.reward == 1.5
