@@ -8,8 +8,7 @@ import json
 import pytest
 
 from envs import EnvSpecError, make_env_group
-from posttrain.rollout.multiturn import ChatRenderer, MultiTurnLimits, run_multiturn
-from tests.envs.test_envs_multiturn import call, scripted_generate
+from posttrain.rollout.multiturn import ChatRenderer, MultiTurnLimits, run_multiturn, turn_seed
 
 pytestmark = pytest.mark.integration
 
@@ -103,8 +102,22 @@ def rows(variant="tool"):
     return verifiers_rows(THIS_FILE, {"variant": variant})
 
 
+def call(name, **arguments):
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def scripted_generate(tok, scripts):
+    """A batched generate where trajectory k (seed k) samples scripts[k][t] at its turn t, ending with <|im_end|>."""
+    reply = {turn_seed(k, t): text for k, script in enumerate(scripts) for t, text in enumerate(script)}
+
+    def generate(prompts, seeds, max_tokens):
+        return [{"token_ids": sampled_ids(tok, reply[seed]), "logprobs": None, "finish_reason": "stop"}
+                for seed in seeds]
+    return generate
+
+
 def roll(tok, envs, scripts, **limits):
-    generate, seen = scripted_generate(tok, {seed: script for seed, script in enumerate(scripts)})
+    generate = scripted_generate(tok, scripts)
     renderer = ChatRenderer(tok)
     trajs = run_multiturn(envs, generate, renderer, seeds=list(range(len(envs))), limits=MultiTurnLimits(**limits))
     return trajs, renderer
