@@ -20,9 +20,10 @@ Two parts, each printed as one JSON line and written together to --out:
    rollout wall; env share = time during which at least one environment step (tool calls included) is running /
    rollout wall (the union of the step intervals: steps of one round run concurrently); the rest is the driver
    (rendering observations, tokenising). Also the mean tool latency per call from the trajectories. The first
-   round warms the engine up and is not counted. Three designs of the python session, one after another on the
-   same engine: `long-lived` (the interpreter starts at the episode's first call), `long-lived-prestart`
-   (PythonEnv(prestart=True): it starts when the episode begins) and `replay` (the old design).
+   round warms the engine up and is not counted; medians over the rounds. Three designs of the python session,
+   in turn within each round on the same engine and seeds: `prestart` (the default: the episode's interpreter
+   starts when the episode begins, while the engine samples the first turn), `lazy` (PythonEnv(prestart=False):
+   it starts at the first call) and `replay` (the old design).
 """
 from __future__ import annotations
 
@@ -168,59 +169,67 @@ class StepClock:
         return total
 
 
-def rollout(engine, trajectories: int, rounds: int, session: str) -> dict:
+DESIGNS = ("prestart", "lazy", "replay")
+
+
+def rollout(engine, trajectories: int, rounds: int, designs: tuple[str, ...]) -> dict:
+    """Rounds of `trajectories` episodes; within a round every design runs once, in turn, with the same seeds (so
+    the same turns and calls), which spreads the load of other jobs over the designs evenly."""
     from transformers import AutoTokenizer
 
-    import envs.python
     from envs import make_env_group
     from posttrain.rollout.multiturn import (ChatRenderer, MultiTurnLimits, batch_metrics, engine_generate_fn,
                                              run_multiturn)
-    if session == "replay":
-        envs.python.PythonSession = ReplaySession
     rows = []
     for domain in ("agent-python", "agent-lookup"):
         with open(os.path.join(REPO, "recipes/data", domain, "eval.jsonl")) as f:
             rows += [json.loads(line) for line in f][:trajectories // 2]
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    renderer = ChatRenderer(tokenizer)
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(MODEL))
     engine_generate = engine_generate_fn(engine.generate, temperature=1.0, top_p=1.0)
     limits = MultiTurnLimits(max_turns=4, max_tokens_per_turn=48, max_completion_tokens=320, max_context_tokens=1024)
-    per_round = []
+    per_round: dict[str, list[dict]] = {d: [] for d in designs}
     for r in range(rounds + 1):
-        generate_s = [0.0]
+        for design in designs:
+            generate_s = [0.0]
 
-        def generate(prompts, seeds, max_tokens):
+            def generate(prompts, seeds, max_tokens):
+                start = time.perf_counter()
+                try:
+                    return engine_generate(prompts, seeds, max_tokens)
+                finally:
+                    generate_s[0] += time.perf_counter() - start
+
+            clock, group = StepClock(), []
+            for row in rows:
+                python = row["data_source"] == "toy/python"
+                env = make_env_group(row, 1, default_kwargs={"prestart": design == "prestart"} if python else None)[0]
+                if python and design == "replay":
+                    env.session = ReplaySession()
+                group.append(clock.wrap(env))
             start = time.perf_counter()
-            try:
-                return engine_generate(prompts, seeds, max_tokens)
-            finally:
-                generate_s[0] += time.perf_counter() - start
-
-        clock = StepClock()
-        kwargs = {"prestart": True} if session == "long-lived-prestart" else None
-        group = [clock.wrap(make_env_group(row, 1, default_kwargs=kwargs if row["data_source"] == "toy/python"
-                                           else None)[0]) for row in rows]
-        start = time.perf_counter()
-        trajs = run_multiturn(group, generate, renderer, [1000 * r + i for i in range(len(group))], limits)
-        wall = time.perf_counter() - start
-        latencies = [s for t in trajs for s in t.tool_latency_s.get("python", [])]
-        metrics = batch_metrics(trajs)
-        record = {"round": r, "wall_s": round(wall, 3), "trajectories_per_s": round(len(trajs) / wall, 2),
-                  "engine_busy_frac": round(generate_s[0] / wall, 3),
-                  "env_step_frac": round(clock.busy_s() / wall, 3),
-                  "driver_frac": round(1 - (generate_s[0] + clock.busy_s()) / wall, 3),
-                  "python_calls": len(latencies),
-                  "python_call_mean_ms": round(1000 * statistics.mean(latencies), 1) if latencies else None,
-                  "python_call_p90_ms": quantiles_ms(latencies)["p90_ms"] if latencies else None,
-                  "search_calls": sum(len(t.tool_latency_s.get("search", [])) for t in trajs),
-                  "turns_mean": round(metrics["env/turns_mean"], 2), "reward_mean": round(metrics["env/reward_mean"], 3),
-                  "tool_errors": {k: v for k, v in metrics.items() if k.startswith("env/tool_errors/")}}
-        print(json.dumps({"session": session, **record}), flush=True)
-        if r > 0:   # round 0 warms the engine up
-            per_round.append(record)
-    keys = ("wall_s", "trajectories_per_s", "engine_busy_frac", "env_step_frac", "driver_frac")
-    return {"session": session, "trajectories": len(rows), "rounds": per_round,
-            "mean": {k: round(statistics.mean(rec[k] for rec in per_round), 3) for k in keys}}
+            trajs = run_multiturn(group, generate, renderer, [1000 * r + i for i in range(len(group))], limits)
+            wall = time.perf_counter() - start
+            latencies = [s for t in trajs for s in t.tool_latency_s.get("python", [])]
+            metrics = batch_metrics(trajs)
+            record = {"round": r, "wall_s": round(wall, 3), "trajectories_per_s": round(len(trajs) / wall, 2),
+                      "engine_busy_frac": round(generate_s[0] / wall, 3), "engine_s": round(generate_s[0], 3),
+                      "env_step_frac": round(clock.busy_s() / wall, 3), "env_step_s": round(clock.busy_s(), 3),
+                      "driver_frac": round(1 - (generate_s[0] + clock.busy_s()) / wall, 3),
+                      "python_calls": len(latencies),
+                      "python_call_mean_ms": round(1000 * statistics.mean(latencies), 1) if latencies else None,
+                      "python_call_p90_ms": quantiles_ms(latencies)["p90_ms"] if latencies else None,
+                      "search_calls": sum(len(t.tool_latency_s.get("search", [])) for t in trajs),
+                      "turns_mean": round(metrics["env/turns_mean"], 2),
+                      "reward_mean": round(metrics["env/reward_mean"], 3),
+                      "tool_errors": {k: v for k, v in metrics.items() if k.startswith("env/tool_errors/")}}
+            print(json.dumps({"session": design, **record}), flush=True)
+            if r > 0:   # round 0 warms the engine up
+                per_round[design].append(record)
+    keys = ("wall_s", "trajectories_per_s", "engine_busy_frac", "engine_s", "env_step_frac", "env_step_s",
+            "driver_frac", "python_call_mean_ms")
+    return {"trajectories": len(rows), "rounds": per_round,
+            "median": {d: {k: round(statistics.median(rec[k] for rec in recs), 3) for k in keys}
+                       for d, recs in per_round.items()}}
 
 
 def loop_share(steps: int, run_dir: str) -> dict:
@@ -269,11 +278,11 @@ def loop_share(steps: int, run_dir: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rollout rounds (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rollout rounds (after one warm-up round)")
     parser.add_argument("--trajectories", type=int, default=64, help="episodes in flight per rollout")
     parser.add_argument("--calls", type=int, default=200, help="calls per warm-latency measurement")
-    parser.add_argument("--session", choices=["long-lived", "long-lived-prestart", "replay", "all"], default="all",
-                        help="python session design(s) for the rollout part")
+    parser.add_argument("--sessions", default=",".join(DESIGNS),
+                        help="python session designs for the rollout part, comma-separated (%(default)s)")
     parser.add_argument("--skip-rollout", action="store_true")
     parser.add_argument("--loop-steps", type=int, default=0,
                         help="also run the agent-quickstart recipe this many steps and time its tools (0: no)")
@@ -286,11 +295,12 @@ def main():
     results["tool_overhead"] = tool_overhead(args.calls)
     print(json.dumps(results["tool_overhead"]), flush=True)
     if not args.skip_rollout:
-        designs = ["long-lived", "long-lived-prestart", "replay"] if args.session == "all" else [args.session]
-        # The replay design patches envs.python for the rest of the process: it goes last.
+        designs = tuple(args.sessions.split(","))
+        assert set(designs) <= set(DESIGNS), f"--sessions: choose among {DESIGNS}"
         from posttrain.rollout.engine import RolloutEngine
         engine = RolloutEngine(MODEL, max_model_len=1024, seed=0)
-        results["rollout"] = [rollout(engine, args.trajectories, args.rounds, d) for d in designs]
+        results["rollout"] = rollout(engine, args.trajectories, args.rounds, designs)
+        print(json.dumps(results["rollout"]["median"]), flush=True)
     if args.loop_steps:
         results["loop"] = loop_share(args.loop_steps, args.loop_run_dir)
         print(json.dumps(results["loop"]), flush=True)
