@@ -1,9 +1,10 @@
 """The agent benchmark (issue #13): multi-turn rollouts with sandboxed tools through a real vLLM engine.
 
-    .venv/bin/python benchmarks/bench_agent.py [--rounds 3] [--trajectories 64] [--calls 200] [--out FILE.json]
-    flock /tmp/cpu_heavy.lock .venv/bin/python benchmarks/bench_agent.py      # how benchmarks/AGENT.md was taken
+    .venv/bin/python benchmarks/bench_agent.py [--rounds 5] [--trajectories 64] [--calls 200] [--out FILE.json]
+    flock /tmp/cpu_heavy.lock .venv/bin/python benchmarks/bench_agent.py --out benchmarks/agent_bench_cpu.json
+    flock /tmp/cpu_heavy.lock .venv/bin/python benchmarks/bench_agent.py --parts loop --out benchmarks/agent_loop_cpu.json
 
-Two parts, each printed as one JSON line and written together to --out:
+Three parts (`--parts`), each printed as JSON lines and written together to --out:
 
 1. Tool-call overhead of the `python` tool: the latency of a trivial cell (`print(8476*621)`), measured
    * `session_warm`: a call on a running per-trajectory interpreter (envs.python.PythonSession.run);
@@ -24,6 +25,8 @@ Two parts, each printed as one JSON line and written together to --out:
    in turn within each round on the same engine and seeds: `prestart` (the default: the episode's interpreter
    starts when the episode begins, while the engine samples the first turn), `lazy` (PythonEnv(prestart=False):
    it starts at the first call) and `replay` (the old design).
+3. Loop: the share of training-step time spent in tools, in `posttrain run recipes/agent-quickstart.yaml`
+   (see loop_share).
 """
 from __future__ import annotations
 
@@ -283,25 +286,28 @@ def main():
     parser.add_argument("--calls", type=int, default=200, help="calls per warm-latency measurement")
     parser.add_argument("--sessions", default=",".join(DESIGNS),
                         help="python session designs for the rollout part, comma-separated (%(default)s)")
-    parser.add_argument("--skip-rollout", action="store_true")
-    parser.add_argument("--loop-steps", type=int, default=0,
-                        help="also run the agent-quickstart recipe this many steps and time its tools (0: no)")
+    parser.add_argument("--parts", default="overhead,rollout",
+                        help="overhead, rollout, loop (comma-separated; loop runs posttrain itself: give it its own "
+                             "process, since the rollout part holds an in-process engine)")
+    parser.add_argument("--loop-steps", type=int, default=4, help="training steps of the loop part")
     parser.add_argument("--loop-run-dir", default="/tmp/posttrain-bench-agent-run")
     parser.add_argument("--out", default=None, help="write all results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     results = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "loadavg_start": os.getloadavg(),
                "cpus": os.cpu_count()}
-    results["tool_overhead"] = tool_overhead(args.calls)
-    print(json.dumps(results["tool_overhead"]), flush=True)
-    if not args.skip_rollout:
+    parts = set(args.parts.split(","))
+    if "overhead" in parts:
+        results["tool_overhead"] = tool_overhead(args.calls)
+        print(json.dumps(results["tool_overhead"]), flush=True)
+    if "rollout" in parts:
         designs = tuple(args.sessions.split(","))
         assert set(designs) <= set(DESIGNS), f"--sessions: choose among {DESIGNS}"
         from posttrain.rollout.engine import RolloutEngine
         engine = RolloutEngine(MODEL, max_model_len=1024, seed=0)
         results["rollout"] = rollout(engine, args.trajectories, args.rounds, designs)
         print(json.dumps(results["rollout"]["median"]), flush=True)
-    if args.loop_steps:
+    if "loop" in parts:
         results["loop"] = loop_share(args.loop_steps, args.loop_run_dir)
         print(json.dumps(results["loop"]), flush=True)
     results["loadavg_end"] = os.getloadavg()
