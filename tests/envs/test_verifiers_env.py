@@ -4,6 +4,7 @@ chat template with a scripted policy. Needs the optional verifiers package (docs
 environments"); without it every test here fails with the install line rather than skipping."""
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -64,8 +65,25 @@ class NonLinear(vf.MultiTurnEnv if vf else object):
         return state["prompt"]           # every turn starts over from the prompt
 
 
+def python(code: str) -> str:
+    """Run Python code in a persistent session; returns what it prints (a final expression's value too).
+
+    Args:
+        code: Python source to run
+    """
+    # The toy agent's python tool as it uses it (print(a*b)); a test environment runs no model-written code.
+    match = re.fullmatch(r"\s*print\((\d+)\s*\*\s*(\d+)\)\s*", code)
+    return str(int(match[1]) * int(match[2])) if match else "Error: this test tool runs only print(a*b)"
+
+
 def load_environment(variant: str = "tool", system_prompt: str = "Use the tools.", **kwargs):
     """A verifiers environment, built the way Hub environments are (load_environment -> vf.Environment)."""
+    if variant == "toy-python":        # the toy agent's python domain, as a verifiers ToolEnv
+        from posttrain.toy.tasks import make_rows
+        questions = [{"question": r["prompt"][-1]["content"], "answer": r["reward_model"]["ground_truth"]}
+                     for r in make_rows(["python"], 8, 0, "test")]
+        return vf.ToolEnv(dataset=Dataset.from_list(questions), tools=[python], max_turns=4,
+                          rubric=vf.Rubric(funcs=[correct_answer, used_a_tool], weights=[1.0, 0.5]))
     dataset = Dataset.from_list([
         {"question": QUESTION, "answer": "2974557", "info": {"level": 1}},
         {"question": "What is 12*34?", "answer": "408", "info": {"level": 0}}])
@@ -243,3 +261,62 @@ def test_sampled_ids_that_do_not_round_trip_are_kept_as_sampled(tok):
     assert traj.completion_ids == odd + observation + answer
     assert traj.loss_mask == [1] * len(odd) + [0] * len(observation) + [1] * len(answer)
     assert env.state["completion"][1].content == "2974557" and traj.reward == 1.5
+
+
+def test_toy_agent_model_samples_a_verifiers_tool_env_token_exact(tok):
+    # The committed toy agent (a real model, sampling with transformers) on its python domain served by verifiers:
+    # whatever it samples, the trajectory is its sampled ids plus verifiers' observations rendered, and the reward is
+    # the rubric's score of verifiers' conversation.
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(TOY_AGENT).eval()
+    sampled = {}
+
+    @torch.no_grad()
+    def generate(prompts, seeds, max_tokens):
+        outs = []
+        for prompt, seed, budget in zip(prompts, seeds, max_tokens):
+            torch.manual_seed(seed)
+            out = model.generate(torch.tensor([prompt]), do_sample=True, top_k=0, max_new_tokens=budget,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            ids = out[0, len(prompt):].tolist()
+            ids = ids[:ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+            sampled[seed] = ids
+            outs.append({"token_ids": ids, "logprobs": None,
+                         "finish_reason": "stop" if ids[-1] == tok.eos_token_id else "length"})
+        return outs
+
+    vf_rows = rows("toy-python")[:4]
+    envs = [make_env_group(row, 1, default="verifiers", default_kwargs=spec("toy-python"))[0] for row in vf_rows]
+    renderer = ChatRenderer(tok)
+    trajs = run_multiturn(envs, generate, renderer, seeds=list(range(len(envs))),
+                          limits=MultiTurnLimits(max_turns=4, max_tokens_per_turn=48, max_context_tokens=1024))
+    called = 0
+    for k, (traj, env, row) in enumerate(zip(trajs, envs, vf_rows)):
+        prompt_len = len(row["prompt"])
+        expected, mask, history = [], [], traj.messages[:prompt_len]
+        for t, message in enumerate(traj.messages[prompt_len:]):
+            if message["role"] == "assistant":
+                turn_ids = sampled[turn_seed(k, sum(m["role"] == "assistant" for m in history[prompt_len:]))]
+                expected, mask = expected + turn_ids, mask + [1] * len(turn_ids)
+                before_turn = list(history)
+            else:
+                following = traj.messages[prompt_len + t:]
+                if history[-1]["role"] == "assistant":     # an observation starts: render its whole group once
+                    group = following[:next((i for i, m in enumerate(following) if m["role"] == "assistant"),
+                                            len(following))]
+                    obs = renderer.observation_ids(before_turn, traj.tools, group, turn_ids)
+                    expected, mask = expected + obs, mask + [0] * len(obs)
+            history.append(message)
+        assert traj.completion_ids == expected and traj.loss_mask == mask, k
+        assert traj.prompt_ids == renderer.prompt_ids(row["prompt"], traj.tools)
+        if traj.end_reason == "done":
+            final = traj.messages[-1]["content"].strip()
+            score = float(final == f"Answer: {row['reward_model']['ground_truth']}") + 0.5 * (traj.tool_calls > 0)
+            assert traj.reward == env.state["reward"] == score, k
+        else:
+            assert traj.reward == 0.0 and env.state is None
+        called += traj.tool_calls > 0
+    assert called > 0                     # the toy agent does call the python tool verifiers offers
+    print("toy agent on verifiers toy-python: reward", [t.reward for t in trajs],
+          "ends", [t.end_reason for t in trajs])
