@@ -194,6 +194,8 @@ def test_vl_teacher_scores_with_media_match_the_trainer_on_image_and_video():
         t_ids, t_lp, t_tok = teacher.sequence(i)
         s_ids, s_lp, s_tok = student.sequence(i)
         assert t_ids.shape == (len(r), k)             # one row per response token, no more, no less
+        print(f"sequence {i}: mean |teacher - trainer| log-prob {np.abs(t_tok - s_tok).mean():.2e}, "
+              f"max {np.abs(t_tok - s_tok).max():.2e}; top-{k} mean {np.abs(t_lp - s_lp).mean():.2e}")
         assert float(np.abs(t_tok - s_tok).mean()) < TOLERANCE, (i, t_tok, s_tok)
         assert float(np.abs(t_lp - s_lp).mean()) < TOLERANCE, i
         assert (t_ids[:, 0] == s_ids[:, 0]).all(), i  # the teacher's best token is the student's
