@@ -190,6 +190,7 @@ class VerifiersEnv(Env):
         self.events: queue.Queue = queue.Queue()      # ("request", messages, tools) | ("done", state) | ("error", exc)
         self.pending: asyncio.Future | None = None    # the client's request waiting for the policy's text
         self.sent: list[dict] = []                     # the last request's messages, as plain dicts
+        self.tools: list[dict] = []                    # the tool schemas rendered in the prompt
         self.turn = 0
         self.task = None                                # the rollout coroutine's concurrent future
         self.state = None
@@ -241,7 +242,7 @@ class VerifiersEnv(Env):
             detail = event[1] if event[0] == "error" else (event[1].get("error") or "it asked the model nothing")
             raise RuntimeError(f"verifiers environment {self.env_id!r} ended before its first model request: {detail}")
         _, messages, tools = event
-        self.sent = messages
+        self.sent, self.tools = messages, tools
         return Observation(messages, tools)
 
     def step(self, action: str) -> StepResult:
@@ -264,6 +265,10 @@ class VerifiersEnv(Env):
             info["verifiers_metrics"] = dict(self.state.get("metrics") or {})
             return StepResult([], float(self.state.get("reward") or 0.0), True, info)
         _, messages, tools = event
+        if tools != self.tools:
+            raise VerifiersExactnessError(f"verifiers environment {self.env_id!r} changed its tools mid-episode "
+                                          f"({[t['function']['name'] for t in tools]}); the prompt's ids render the "
+                                          "first request's tools and are never re-rendered")
         observation = self._appended(messages, answered)
         self.sent = messages
         return StepResult(observation, 0.0, False, info)

@@ -57,6 +57,14 @@ class HistoryRewriter(vf.ToolEnv if vf else object):
         await super().add_trajectory_step(state, trajectory_step)
 
 
+class GrowingTools(vf.ToolEnv if vf else object):
+    """Offers one more tool after the first call: the prompt's rendered tool list would no longer hold."""
+
+    async def env_response(self, messages, state, **kwargs):
+        state["tool_defs"] = [*state["tool_defs"], vf.Tool(name="add", description="Add.", parameters={})]
+        return await super().env_response(messages, state, **kwargs)
+
+
 class NonLinear(vf.MultiTurnEnv if vf else object):
     async def env_response(self, messages, state, **kwargs):
         return [vf.UserMessage(content="again")]
@@ -88,10 +96,14 @@ def load_environment(variant: str = "tool", system_prompt: str = "Use the tools.
         {"question": QUESTION, "answer": "2974557", "info": {"level": 1}},
         {"question": "What is 12*34?", "answer": "408", "info": {"level": 0}}])
     rubric = vf.Rubric(funcs=[correct_answer, used_a_tool], weights=[1.0, 0.5])
+    if variant == "math":             # the classic single-turn shape: \boxed{} answers, verifiers' MathRubric
+        return vf.SingleTurnEnv(dataset=dataset, rubric=vf.MathRubric(), system_prompt="Box the answer.")
     if variant == "tool":
         return vf.ToolEnv(dataset=dataset, tools=[mul], rubric=rubric, system_prompt=system_prompt, max_turns=4)
     if variant == "rewrite":
         return HistoryRewriter(dataset=dataset, tools=[mul], rubric=rubric, system_prompt=system_prompt)
+    if variant == "growing":
+        return GrowingTools(dataset=dataset, tools=[mul], rubric=rubric)
     if variant == "nonlinear":
         return NonLinear(dataset=dataset, rubric=rubric, max_turns=3)
     if variant == "group":
@@ -320,3 +332,17 @@ def test_toy_agent_model_samples_a_verifiers_tool_env_token_exact(tok):
     assert called > 0                     # the toy agent does call the python tool verifiers offers
     print("toy agent on verifiers toy-python: reward", [t.reward for t in trajs],
           "ends", [t.end_reason for t in trajs])
+
+
+def test_single_turn_env_with_math_rubric(tok):
+    envs = [make_env_group(row, 1, default="verifiers", default_kwargs=spec("math"))[0] for row in rows("math")]
+    (right, wrong), _ = roll(tok, envs, [["It is \\boxed{2974557}."], ["It is \\boxed{407}."]])
+    assert right.end_reason == wrong.end_reason == "done" and right.num_turns == wrong.num_turns == 1
+    assert (right.reward, wrong.reward) == (envs[0].state["reward"], envs[1].state["reward"]) == (1.0, 0.0)
+    assert right.messages[0] == {"role": "system", "content": "Box the answer."} and right.tools == []
+
+
+def test_env_changing_its_tools_mid_episode_is_refused(tok):
+    (env,) = make_env_group(rows("growing")[0], 1, default="verifiers", default_kwargs=spec("growing"))
+    (traj,), _ = roll(tok, [env], [[call("mul", a=4821, b=617), "Answer: 2974557"]])
+    assert traj.end_reason == "env_error" and "changed its tools mid-episode" in traj.messages[-1]["content"]
