@@ -25,8 +25,8 @@ that is anything else (an open file, a lock, an instance of a class in the user'
 text (repr), and the score stands: the score is the reward's answer, a detail only a log line.
 
 The two backends differ only in how a unit reaches a process and how that process is killed:
-`RayTasks` (a streaming-generator task per unit, `ray.cancel(force=True)`) and `LocalProcesses` (a fixed set of worker processes
-on this machine, SIGKILL); planning, deadlines, retries, result normalisation and failure names are this
+`RayTasks` (a streaming call per unit on reward actors kept between calls, `ray.kill`) and `LocalProcesses` (a fixed
+set of worker processes on this machine, SIGKILL); planning, deadlines, retries, result normalisation and failure names are this
 module's, shared.
 """
 from __future__ import annotations
@@ -114,6 +114,7 @@ def release_reward_servers() -> None:
     while _RELEASES:
         _RELEASES.pop()()
     _PREPARED.clear()
+    _release_ray_pool()
 
 
 # ------------------------------------------------------------------------------ in the worker process
@@ -176,26 +177,51 @@ def _plain(value: Any, depth: int = 0) -> Any:
 # [RewardResult]) for the unit's next samples, (handle, "done", None) at its end, or (handle, failure kind, None)
 # when its worker died (the unit is over); kill(handle); close().
 
-_RAY_TASK = None
+_RAY_ACTOR = None
+
+
+class _RewardWorker:
+    """Ray actor body: one reward worker process kept for the whole run (see RayTasks)."""
+
+    def score(self, fn: RewardFn, items: list[tuple]) -> Iterator[list[RewardResult]]:
+        yield from score_items(fn, items)
+
+
+# The reward actors of the Ray cluster this process is attached to: {"node": driver's node id, "idle": [actor]}.
+# Kept between calls (a run scores every step), dropped when the cluster changes or by release_reward_servers.
+_RAY_POOL: dict[str, Any] = {}
 
 
 class RayTasks:
-    """A Ray streaming-generator task per unit (num_cpus 0.5, no retries), one object per sample; kill =
-    force-cancel, which kills the worker process."""
+    """Units run as streaming calls on reward actors (num_cpus 0.5 each, no restarts, one unit at a time each),
+    which persist between calls: a run's reward step reuses warm processes that already imported the reward.
+    Plain Ray tasks did not: Ray started fresh worker processes for them at every step and killed the idle ones
+    during the update (two Python starts per step, the quickstart's 0.5–1 s reward step, benchmarks/VS_TRL.md).
+    kill = ray.kill of that unit's actor (its process dies, C code included); a dead or killed actor is never
+    reused, the next unit gets a new one."""
 
     def __init__(self):
         import ray
-        global _RAY_TASK
-        if _RAY_TASK is None:
-            _RAY_TASK = ray.remote(num_returns="streaming", num_cpus=0.5, max_retries=0)(score_items)
         self._ray = ray
+        global _RAY_ACTOR
+        if _RAY_ACTOR is None:
+            _RAY_ACTOR = ray.remote(num_cpus=0.5, max_restarts=0, max_task_retries=0)(_RewardWorker)
+        node = ray.get_runtime_context().get_node_id()
+        if _RAY_POOL.get("node") != node:  # a new cluster (tests start several in one process)
+            _RAY_POOL.clear()
+            _RAY_POOL.update(node=node, idle=[])
+        self._idle: list = _RAY_POOL["idle"]
+        self._busy: dict[Any, Any] = {}  # generator → its actor
         self._fn_refs: dict[str, Any] = {}
 
     def submit(self, fn: RewardFn, items: list[tuple]):
         ref = self._fn_refs.get(fn.key)
         if ref is None:
             ref = self._fn_refs[fn.key] = self._ray.put(fn)
-        return _RAY_TASK.remote(ref, items)
+        actor = self._idle.pop() if self._idle else _RAY_ACTOR.remote()
+        generator = actor.score.options(num_returns="streaming").remote(ref, items)
+        self._busy[generator] = actor
+        return generator
 
     def poll(self, handles: list, wait_s: float) -> list[tuple]:
         ray = self._ray
@@ -207,23 +233,61 @@ class RayTasks:
             try:
                 ref = next(generator)
             except StopIteration:
+                self._idle.append(self._busy.pop(generator))
                 events.append((generator, "done", None))
+                continue
+            except Exception as err:  # noqa: BLE001 - the stream itself failed
+                events.append((generator, self._failed(generator, err), None))
                 continue
             try:
                 events.append((generator, "items", ray.get(ref)))
-            except ray.exceptions.WorkerCrashedError:
-                events.append((generator, CRASH, None))
-            except ray.exceptions.RayTaskError as err:  # the unit itself raised (not a reward: those are caught)
-                events.append((generator, f"crash:{type(getattr(err, 'cause', None) or err).__name__}", None))
-            except Exception as err:  # noqa: BLE001 - e.g. the object was lost with its node
-                events.append((generator, f"crash:{type(err).__name__}", None))
+            except Exception as err:  # noqa: BLE001 - named in _failed
+                events.append((generator, self._failed(generator, err), None))
         return events
 
+    def _failed(self, generator, err: Exception) -> str:
+        """The failure kind of a unit whose stream raised; its actor is retired (it may be dead or mid-unit)."""
+        self.kill(generator)
+        ray = self._ray
+        if isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)):
+            return CRASH  # the process died: a segfault, os._exit
+        if isinstance(err, ray.exceptions.RayTaskError):  # the unit itself raised (not a reward: those are caught)
+            return f"crash:{type(getattr(err, 'cause', None) or err).__name__}"
+        return f"crash:{type(err).__name__}"  # e.g. the object was lost with its node
+
     def kill(self, handle) -> None:
-        self._ray.cancel(handle, force=True)
+        actor = self._busy.pop(handle, None)
+        if actor is not None:
+            self._ray.kill(actor, no_restart=True)
 
     def close(self) -> None:
-        pass
+        """The runner returns on a unit's last result, before the end of its stream: such an actor goes back to
+        the pool once that end arrives; one still running (the caller stopped early) is killed."""
+        for generator in list(self._busy):
+            ready, _ = self._ray.wait([generator], timeout=2.0)
+            try:
+                if ready:
+                    next(generator)
+            except StopIteration:
+                self._idle.append(self._busy.pop(generator))
+                continue
+            except Exception:  # noqa: BLE001 - its stream failed: killed below
+                pass
+            self.kill(generator)
+
+
+def _release_ray_pool() -> None:
+    """Kill the kept reward actors (end of a run; Ray's shutdown would too)."""
+    idle = _RAY_POOL.get("idle", [])
+    if idle:
+        import ray
+        if ray.is_initialized():
+            for actor in idle:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone with its cluster
+                    pass
+    _RAY_POOL.clear()
 
 
 class LocalProcesses:
@@ -448,8 +512,13 @@ def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, m
     """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures, ...}] in
     order, scored in Ray tasks (or `backend`), after each reward's prepare hook has run once."""
     fns = prepare_reward_servers(fns)
-    return list(score_stream(fns, samples, backend or RayTasks(), timeout_s=timeout_s,
-                             max_concurrency=max_concurrency, samples_per_task=samples_per_task))
+    backend = backend or RayTasks()
+    try:
+        return list(score_stream(fns, samples, backend, timeout_s=timeout_s, max_concurrency=max_concurrency,
+                                 samples_per_task=samples_per_task))
+    finally:
+        if isinstance(backend, RayTasks):
+            backend.close()
 
 
 # ----------------------------------------------------------------------------------------- metrics and health
