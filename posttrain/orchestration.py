@@ -111,7 +111,10 @@ def kill_actors(actors: list) -> None:
 
 
 class RolloutGroup:
-    def __init__(self, recipe: Recipe, model_path: str | None = None):
+    """The rollout engines. `wait=False` returns as soon as they are launched, so the caller can do other start-up
+    work while they load; `wait_started()` then waits for them (both groups start at once: `posttrain run`)."""
+
+    def __init__(self, recipe: Recipe, model_path: str | None = None, wait: bool = True):
         from posttrain.rollout.engine import RolloutWorker
 
         r = recipe.rollout
@@ -121,7 +124,15 @@ class RolloutGroup:
                 kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
                 engine_kwargs=r.engine_kwargs)
             for i in range(r.num_workers)]
-        _await_start([w.ping.remote() for w in self.workers], f"{r.num_workers} rollout worker(s)", recipe)
+        self._recipe, self._started = recipe, [w.ping.remote() for w in self.workers]
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> "RolloutGroup":
+        if self._started:
+            _await_start(self._started, f"{len(self.workers)} rollout worker(s)", self._recipe)
+            self._started = []
+        return self
 
     def shutdown(self) -> None:
         kill_actors(self.workers)
@@ -145,7 +156,7 @@ class TrainerGroup:
     """The trainer ranks (Ray actors over torch.distributed). Every batch is split evenly and in order over the
     ranks; per-sample arrays are sliced with it."""
 
-    def __init__(self, recipe: Recipe, objective):
+    def __init__(self, recipe: Recipe, objective, wait: bool = True):
         from posttrain.trainer.worker import TrainerWorker, trainer_settings
 
         t = recipe.trainer
@@ -154,9 +165,19 @@ class TrainerGroup:
         self.ranks = [TrainerWorker.options(num_cpus=t.cpus_per_worker, num_gpus=t.gpus_per_worker).remote(
             rank, t.num_workers, settings) for rank in range(t.num_workers)]
         self.rank0 = self.ranks[0]
-        # The rendezvous lives on rank 0's node, wherever Ray placed it.
-        (addr, port), = _await_start([self.rank0.node_address.remote()], "trainer rank 0", recipe)
-        _await_start([r.setup.remote(addr, port) for r in self.ranks], f"{t.num_workers} trainer rank(s)", recipe)
+        self._recipe, self._address = recipe, self.rank0.node_address.remote()
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> "TrainerGroup":
+        """Wait for the ranks launched by the constructor (`wait=False`), then join them into one group."""
+        if self._address is not None:
+            # The rendezvous lives on rank 0's node, wherever Ray placed it.
+            (addr, port), = _await_start([self._address], "trainer rank 0", self._recipe)
+            _await_start([r.setup.remote(addr, port) for r in self.ranks], f"{len(self.ranks)} trainer rank(s)",
+                         self._recipe)
+            self._address = None
+        return self
 
     def shutdown(self) -> None:
         kill_actors(self.ranks)

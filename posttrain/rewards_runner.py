@@ -186,6 +186,15 @@ class _RewardWorker:
     def score(self, fn: RewardFn, items: list[tuple]) -> Iterator[list[RewardResult]]:
         yield from score_items(fn, items)
 
+    def load(self, names: list[str]) -> None:
+        """Import the rewards' modules ahead of the first unit (warm_reward_workers); a failure here is left for
+        that unit to report as the reward's own."""
+        for name in names:
+            try:
+                load_reward(name)
+            except Exception:  # noqa: BLE001 - reported by the unit that calls it
+                pass
+
 
 # The reward actors of the Ray cluster this process is attached to: {"node": driver's node id, "idle": [actor]}.
 # Kept between calls (a run scores every step), dropped when the cluster changes or by release_reward_servers.
@@ -205,7 +214,7 @@ class RayTasks:
         self._ray = ray
         global _RAY_ACTOR
         if _RAY_ACTOR is None:
-            _RAY_ACTOR = ray.remote(num_cpus=0.5, max_restarts=0, max_task_retries=0)(_RewardWorker)
+            _RAY_ACTOR = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_RewardWorker)
         node = ray.get_runtime_context().get_node_id()
         if _RAY_POOL.get("node") != node:  # a new cluster (tests start several in one process)
             _RAY_POOL.clear()
@@ -274,6 +283,19 @@ class RayTasks:
             except Exception:  # noqa: BLE001 - its stream failed: killed below
                 pass
             self.kill(generator)
+
+
+def warm_reward_workers(fns: list[RewardFn], max_concurrency: int) -> None:
+    """Start the Ray reward actors (up to `max_concurrency`) and import the rewards in them, without waiting: a run
+    calls this while its trainer and engines start, so the first reward step finds its workers ready."""
+    if not fns:
+        return
+    backend = RayTasks()
+    names = sorted({fn.name for fn in fns})
+    while len(backend._idle) < max_concurrency:
+        actor = _RAY_ACTOR.remote()
+        actor.load.remote(names)
+        backend._idle.append(actor)
 
 
 def _release_ray_pool() -> None:

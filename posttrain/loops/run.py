@@ -31,7 +31,7 @@ from posttrain.data import DataCursor, DatasetError, encode_prompt, load_prompt_
 from posttrain.metrics import MetricsLog, StepTimer, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
 from posttrain.rewards_runner import (check_rewards_load, failing_rewards, release_reward_servers,
-                                      reward_fns_from_recipe, reward_metrics, score_batch)
+                                      reward_fns_from_recipe, reward_metrics, score_batch, warm_reward_workers)
 
 
 class StaleWeightsError(RuntimeError):
@@ -99,21 +99,28 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
     from tqdm import tqdm
 
     t_start = time.time()
-    data = load_run_data(recipe)
-    algorithm.prepare(recipe, data)
     reward_fns = reward_fns_from_recipe(recipe.rewards)
     check_rewards_load(reward_fns)
-    cursor = DataCursor(len(data.train_rows), recipe.seed, recipe.data.shuffle)
-    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    canary_ids = canary_prompt(data)
     startup = StepTimer()
     with startup.span("ray_init"):
         start_ray(recipe)
-    with startup.span("actors"):
-        trainer = TrainerGroup(recipe, algorithm.objective())
+    # The trainer ranks, the engines and the reward workers start at once, and the driver loads the data (tokenizer,
+    # prompts) while they do: each waits mostly on its own process's imports (benchmarks/STARTUP.md).
+    with startup.span("actors_launch"):
+        trainer = TrainerGroup(recipe, algorithm.objective(), wait=False)
         actors.append(trainer)
-        rollout = RolloutGroup(recipe)
+        rollout = RolloutGroup(recipe, wait=False)
         actors.append(rollout)
+        warm_reward_workers(reward_fns, recipe.rewards.max_concurrency)
+    with startup.span("data"):
+        data = load_run_data(recipe)
+        algorithm.prepare(recipe, data)
+        cursor = DataCursor(len(data.train_rows), recipe.seed, recipe.data.shuffle)
+        metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+        canary_ids = canary_prompt(data)
+    with startup.span("actors"):
+        trainer.wait_started()
+        rollout.wait_started()
         algorithm.start(recipe, actors)
     with startup.span("first_eval_or_restore"):
         start_step = restore_state(recipe, resume_from, trainer, rollout, cursor, metrics_log, canary_ids)
