@@ -22,9 +22,9 @@ Three parts (`--parts`), each printed as JSON lines and written together to --ou
    rollout wall (the union of the step intervals: steps of one round run concurrently); the rest is the driver
    (rendering observations, tokenising). Also the mean tool latency per call from the trajectories. The first
    round warms the engine up and is not counted; medians over the rounds. Three designs of the python session,
-   in turn within each round on the same engine and seeds: `prestart` (the default: the episode's interpreter
-   starts when the episode begins, while the engine samples the first turn), `lazy` (PythonEnv(prestart=False):
-   it starts at the first call) and `replay` (the old design).
+   in turn within each round on the same engine and seeds: `prestart` (PythonEnv(prestart=True): the episode's
+   interpreter starts when the episode begins, while the engine samples the first turn), `lazy` (the default: it
+   starts at the first call) and `replay` (the old design).
 3. Loop: the share of training-step time spent in tools, in `posttrain run recipes/agent-quickstart.yaml`
    (see loop_share).
 """

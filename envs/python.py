@@ -3,9 +3,8 @@
     python(code) -> what the code prints; the value of a final expression is printed too (like a REPL)
 
 Variables persist across calls: each trajectory gets ONE long-lived interpreter, started by `rewards.sandbox`'s
-`spawn` (no network, no host files, own uid, seccomp, rlimits) when the episode begins (`prestart`, the default:
-in the background, while the engine samples the first turn) or at its first call, and killed when the episode
-closes. Cells go in over its stdin as length-prefixed JSON frames; a cell's output (print, a final expression's
+`spawn` (no network, no host files, own uid, seccomp, rlimits) at the episode's first call (or when the episode
+begins, in the background: `prestart`) and killed when the episode closes. Cells go in over its stdin as length-prefixed frames (marshal: the host writes, the sandbox reads); a cell's output (print, a final expression's
 value, the exception line of a cell that raised; stderr is merged) comes back on its stdout up to an end marker
 that is random per call. Each cell runs under a wall clock (`timeout_s`, enforced from the host) and a CPU limit
 (the interpreter lowers its own RLIMIT_CPU to `timeout_s` more than it has used), and its output is capped
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
+import marshal
 import os
 import secrets
 import selectors
@@ -46,7 +45,7 @@ from envs.tools import ToolError, tool
 _SERVER = r"""
 import sys
 sys.path.extend(sys.argv[1:])   # site-packages, without running the host's .pth files (started with -S)
-import ast, json, os, random, resource, struct, traceback
+import _ast, marshal, os, random, resource, struct   # C modules: ast, json and traceback cost ~20 ms per start
 frames = os.fdopen(os.dup(0), "rb", buffering=0)
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.dup2(1, 2)
@@ -66,18 +65,19 @@ def read_exact(n):
 
 def run(source):
     try:
-        tree = ast.parse(source, "<cell>")
-        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        tree = compile(source, "<cell>", "exec", _ast.PyCF_ONLY_AST)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], _ast.Expr) else None
         exec(compile(tree, "<cell>", "exec"), scope)
         if last is not None:
-            value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), scope)
+            value = eval(compile(_ast.Expression(last.value), "<cell>", "eval"), scope)
             if value is not None:
                 print(repr(value))
     except BaseException as err:     # SystemExit too: the session goes on
+        import traceback
         print("".join(traceback.format_exception_only(type(err), err)).strip())
 
 while True:
-    frame = json.loads(read_exact(struct.unpack(">I", read_exact(4))[0]))
+    frame = marshal.loads(read_exact(struct.unpack(">I", read_exact(4))[0]))   # from the host only
     # This cell's CPU budget: RLIMIT_CPU counts the whole process's seconds, so the soft limit moves up by
     # cpu_s from what has been used (whole seconds, rounded up); past it the kernel sends SIGXCPU.
     used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
@@ -220,7 +220,7 @@ class PythonSession:
         process = self.process
         self._discard_pending()   # output a cell's background thread wrote after its call ended
         end = b"\n<<posttrain-cell-end-" + secrets.token_hex(8).encode() + b">>\n"
-        body = json.dumps({"cells": cells, "end": end.decode().strip(), "cpu_s": self.timeout_s}).encode()
+        body = marshal.dumps({"cells": cells, "end": end.decode().strip(), "cpu_s": self.timeout_s})
         deadline = time.monotonic() + wall_s
         stdout_fd = process.popen.stdout.fileno()
         buffer, stderr_tail = bytearray(), b""
@@ -278,15 +278,15 @@ class PythonSession:
 class PythonEnv(ToolEnv):
     """Arithmetic (or anything) with a Python interpreter. Final answer `Answer: N`, scored by `answer_reward`
     (default: the toy's exact integer match). `allow_unsafe`: where bubblewrap cannot run, execute the model's
-    code as a plain rlimited subprocess (rewards.sandbox's unsafe mode; never on a shared machine). `prestart`
-    (default): start the episode's interpreter when the episode begins, so the start (~45 ms alone, ~25 ms each
-    when many start at once: the kernel serialises namespace creation) overlaps the engine's first turn instead
-    of holding the round's tool phase; it costs a sandbox (~16 MB) for every episode, including those that never
-    call the tool. False: start it at the first call."""
+    code as a plain rlimited subprocess (rewards.sandbox's unsafe mode; never on a shared machine). `prestart`:
+    start the episode's interpreter when the episode begins rather than at its first call, so that the start
+    overlaps the engine's first turn instead of the round's tool phase; it costs a sandbox (~16 MB) for every
+    episode, including those that never call the tool, and on a CPU machine the starts slow the engine down more
+    than they save (benchmarks/AGENT.md): off by default."""
 
     def __init__(self, row: dict, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_chars: int = 1000,
                  answer_reward: str = "posttrain.toy.rewards:exact_answer", allow_unsafe: bool = False,
-                 restore_after_restart: bool = True, prestart: bool = True, **kwargs):
+                 restore_after_restart: bool = True, prestart: bool = False, **kwargs):
         super().__init__(row, answer_reward=answer_reward, **kwargs)
         self.session = PythonSession(timeout_s=timeout_s, memory_mb=memory_mb, max_output_chars=max_output_chars,
                                      allow_unsafe=allow_unsafe, restore_after_restart=restore_after_restart)

@@ -180,8 +180,9 @@ def test_no_interpreter_outlives_its_episode():
 @pytest.mark.integration
 def test_prestart_starts_the_interpreter_when_the_episode_begins():
     before = set(surviving(SERVER_MARK))
-    env = PythonEnv({"prompt": [{"role": "user", "content": "6*7?"}], "reward_model": {"ground_truth": "42"}})
-    env.initial_observation()                                                       # prestart is the default
+    env = PythonEnv({"prompt": [{"role": "user", "content": "6*7?"}], "reward_model": {"ground_truth": "42"}},
+                    prestart=True)
+    env.initial_observation()
     deadline = time.monotonic() + 10
     while env.session.process is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -189,8 +190,8 @@ def test_prestart_starts_the_interpreter_when_the_episode_begins():
     assert env.session.run("6 * 7") == "42" and env.session.starts == 1
     env.close()
     assert left_after(before) == set()
-    lazy = PythonEnv({"prompt": [{"role": "user", "content": "6*7?"}]}, prestart=False)
+    lazy = PythonEnv({"prompt": [{"role": "user", "content": "6*7?"}]})
     lazy.initial_observation()
     time.sleep(0.2)
-    assert lazy.session.starts == 0 and lazy.session.process is None                 # starts at the first call
+    assert lazy.session.starts == 0 and lazy.session.process is None                 # the default: at the first call
     lazy.close()
