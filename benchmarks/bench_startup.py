@@ -1,6 +1,6 @@
 """What a short run spends before its first step, phase by phase, on this machine.
 
-    .venv/bin/python benchmarks/bench_startup.py [--phases imports,data,ray,engine,trainer,actors,smoke] [--out FILE]
+    .venv/bin/python benchmarks/bench_startup.py [--phases imports,data,ray,engine,trainer,actors,smoke,run] [--out FILE]
 
 Each phase runs in a fresh Python process, one after the other (the machine is shared: the load average is
 recorded next to every phase):
@@ -15,11 +15,12 @@ recorded next to every phase):
            `LLM(...)` construction, the first (warm-up) generate and a second one;
   trainer  what a trainer rank does in `setup`, without Ray: imports, gloo process group of one, tokenizer,
            model load, AdamW;
-  actors   the smoke recipe's trainer group then its rollout group, as `posttrain run` starts them (one after the
-           other), against both started at once (their `.remote()` calls first, then one wait) — two fresh clusters;
+  actors   the smoke recipe's trainer group then its rollout group, one after the other (as `posttrain run` did
+           until both were launched at once), against both started at once (their `.remote()` calls first, then one wait) — two fresh clusters;
   smoke    `posttrain run recipes/smoke.yaml` end to end: process wall, the run's own `summary.json` start-up
-           breakdown (ray_init / actors / first_eval_or_restore), the first step, and the same run without its
-           step-0 evaluation (`data.eval_files=[]`).
+           breakdown (ray_init / actors_launch / data / actors / first_eval_or_restore), the first step, and the same run without its
+           step-0 evaluation (`data.eval_files=[]`);
+  run      the smoke run as shipped only (the before/after of a start-up change).
 Writes benchmarks/startup_cpu.json unless --out is given, and prints a summary.
 """
 from __future__ import annotations
@@ -244,8 +245,13 @@ def phase_smoke() -> dict:
     return {"smoke (as shipped)": smoke_run([]), "smoke without step-0 evaluation": smoke_run(["data.eval_files=[]"])}
 
 
+def phase_run() -> dict:
+    """The smoke run as shipped, alone: the before/after of a start-up change (~2 min)."""
+    return {"smoke (as shipped)": smoke_run([])}
+
+
 PHASES = {"imports": phase_imports, "data": phase_data, "ray": phase_ray, "engine": phase_engine, "trainer": phase_trainer,
-          "actors": phase_actors, "smoke": phase_smoke}
+          "actors": phase_actors, "smoke": phase_smoke, "run": phase_run}
 
 
 def main() -> int:
