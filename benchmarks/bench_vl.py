@@ -1,5 +1,6 @@
-"""Rollout speed with images and 8-frame videos vs text-only prompts on the same model; the vision encoder's
-share of the engine's time; bytes per sample (files on disk, what the engine receives, the trainer's pixels).
+"""Rollout and trainer speed with images and 8-frame videos vs text-only prompts on the same model; the vision
+encoder's share of the engine's and the trainer's time; bytes per sample (files on disk, what the engine
+receives, the trainer's pixels).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_vl.py [--model posttrain/toy/assets/toy-vl] [--prompts 32]
 
@@ -21,8 +22,10 @@ if __name__ == "__main__":
 def _encoder_timer(engine):
     """Wrap the in-process engine's vision tower so that its forward time is summed (seconds)."""
     worker = engine.llm.llm_engine.model_executor.driver_worker.worker
-    model = worker.model_runner.get_model()
-    visual = model.visual
+    return _timed_forward(worker.model_runner.get_model().visual)
+
+
+def _timed_forward(visual):
     spent = {"s": 0.0, "calls": 0}
     forward = visual.forward
 
@@ -69,7 +72,7 @@ def main() -> None:
     spent = _encoder_timer(engine)
     engine.generate([sets["image"][1][0], sets["video"][1][0], text_prompts[0]], n=1, temperature=1.0, top_p=1.0,
                     max_tokens=4, seeds=[0, 1, 2])   # warm-up
-    results = {}
+    results, samples = {}, {}
     for kind in ("text", "image", "video"):
         rows, prompts = sets[kind]
         engine.llm.reset_prefix_cache()          # every set starts cold: no KV or vision embedding reused
@@ -95,11 +98,59 @@ def main() -> None:
                           "engine_payload_bytes_per_sample": round(sum(raw) / len(raw)),
                           "trainer_pixel_bytes_per_sample": round(sum(pixels) / len(pixels))})
         results[kind] = entry
+        samples[kind] = ([q for q in prompts for _ in range(args.n)],
+                         [s["token_ids"] for group in out for s in group])
         print(kind, json.dumps(entry), flush=True)
+    del engine
+    for kind, entry in _trainer_rates(args.model, samples).items():
+        results[kind].update(entry)
+        print(kind, "trainer", json.dumps(entry), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     assert isinstance(sets["image"][1][0], MultimodalPrompt)
+
+
+def _trainer_rates(model_path: str, samples: dict) -> dict:
+    """The trainer (TrainerRank, world size 1, the vl-quickstart recipe's settings) on the sampled responses of
+    each set: π_old log-probs (forward) and one GSPO mini-batch step (forward + backward + AdamW), timed; tokens =
+    expanded prompt + response tokens, as the trainer's model sees them."""
+    import numpy as np
+
+    from posttrain.config import load_recipe
+    from posttrain.loops.algorithms import make_algorithm
+    from posttrain.trainer.worker import TrainerRank, free_port, trainer_settings
+    from posttrain.vl.inputs import MultimodalPrompt
+
+    recipe = load_recipe("recipes/vl-quickstart.yaml", [f"model.path={os.path.abspath(model_path)}"])
+    rank = TrainerRank(0, 1, trainer_settings(recipe, make_algorithm(recipe).objective()))
+    rank.setup("127.0.0.1", free_port())
+    spent = _timed_forward(rank.model.model.visual)
+    rates = {}
+    for kind, (prompts, responses) in samples.items():
+        mm = [p if isinstance(p, MultimodalPrompt) else None for p in prompts]
+        ids = [list(p.token_ids) if isinstance(p, MultimodalPrompt) else list(p) for p in prompts]
+        if not any(mm):
+            mm = None
+        expanded = rank.pack(ids[:8], responses[:8], mm[:8] if mm else None)[1]   # prompt lengths after expansion
+        tokens = sum(len(r) for r in responses) + sum(expanded) * len(ids) // len(expanded)
+        spent["s"] = 0.0
+        start = time.perf_counter()
+        old = rank.compute_logprobs(ids, responses, mm)
+        forward_s = time.perf_counter() - start
+        encoder_forward_s = spent["s"]
+        T = max(map(len, responses))
+        arrays = {"old_logprobs": np.stack([np.pad(np.asarray(o, np.float32), (0, T - len(o))) for o in old]),
+                  "advantages": np.random.default_rng(0).standard_normal(len(ids)).astype(np.float32)}
+        spent["s"] = 0.0
+        start = time.perf_counter()
+        rank.train_minibatch(ids, responses, arrays, len(ids), mm)
+        step_s = time.perf_counter() - start
+        rates[kind] = {"trainer_tokens": tokens, "trainer_forward_tokens_per_s": round(tokens / forward_s, 1),
+                       "trainer_step_tokens_per_s": round(tokens / step_s, 1),
+                       "trainer_vision_share_forward": round(encoder_forward_s / forward_s, 3),
+                       "trainer_vision_share_step": round(spent["s"] / step_s, 3)}
+    return rates
 
 
 if __name__ == "__main__":
