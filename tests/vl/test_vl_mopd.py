@@ -115,6 +115,21 @@ def test_teachers_of_two_architectures_get_separate_engine_groups(text_teacher):
 
 
 @pytest.mark.unit
+def test_pool_assigns_each_teacher_only_to_engines_of_its_architecture():
+    from teachers.pool import TeacherPool
+
+    pool = object.__new__(TeacherPool)                  # the assignment only: no engines started
+    pool.names = ["image", "text", "video", "ocr"]
+    pool.group_of_teacher = {0: 0, 2: 0, 3: 0, 1: 1}    # three VL teachers, one text teacher
+    pool.group_of_engine = [0, 1]
+    pool.engines = [None, None]
+    pool.resident = ["image", "text"]
+    # The text engine is idle, yet the VL teachers that are not resident queue on the VL engine (no cross swap).
+    assert pool._assign([0, 1, 2, 3]) == [[0, 2, 3], [1]]
+    assert pool._assign([2, 3]) == [[2, 3], []]
+
+
+@pytest.mark.unit
 def test_text_teacher_routed_to_rows_with_media_is_refused_at_prepare(text_teacher):
     from posttrain.loops.algorithms import MOPD
     from teachers.checks import TeacherConfigError
