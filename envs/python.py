@@ -98,7 +98,7 @@ _STARTUP_S = 10.0   # wall clock for a sandbox to start and its interpreter to r
 
 def _site_packages() -> list[str]:
     """The installed packages' directories, for the interpreter started with -S: the site module and its .pth
-    files (an editable install's finder, import hooks) cost ~50 ms per start and serve nothing in the sandbox."""
+    files (an editable install's finder, import hooks) cost tens of ms per start and serve nothing in the sandbox."""
     import site
     return [p for p in (*site.getsitepackages(), site.getusersitepackages()) if os.path.isdir(p)]
 
