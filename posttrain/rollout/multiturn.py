@@ -164,43 +164,51 @@ def run_multiturn(envs: Sequence, generate: GenerateFn, renderer: ChatRenderer, 
     """Roll out one trajectory per environment (see the module docstring); closes the environments."""
     if len(seeds) != len(envs):
         raise ValueError(f"run_multiturn: {len(envs)} environments but {len(seeds)} seeds; give one seed each")
-    trajectories = []
-    for k, env in enumerate(envs):
-        try:
-            obs = env.initial_observation()
-        except Exception as err:
-            raise RuntimeError(f"environment {k} ({type(env).__name__}) failed in initial_observation: "
-                               f"{type(err).__name__}: {err}") from err
-        prompt = renderer.prompt_ids(obs.messages, obs.tools)
-        trajectories.append(Trajectory(prompt_ids=prompt, messages=list(obs.messages), tools=list(obs.tools)))
-        if len(prompt) >= limits.max_context_tokens:
-            trajectories[-1].end_reason = "context"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=limits.env_workers,
-                                               thread_name_prefix="posttrain-env") as pool:
-        while True:
-            live = [i for i, t in enumerate(trajectories) if not t.done]
-            if not live:
-                break
-            budgets = {i: _turn_budget(trajectories[i], limits) for i in live}
-            prompts = [trajectories[i].prompt_ids + trajectories[i].completion_ids for i in live]
-            outputs = generate(prompts, [turn_seed(seeds[i], trajectories[i].num_turns) for i in live],
-                               [budgets[i][0] for i in live])
-            stepping = {}
-            for i, out in zip(live, outputs):
-                traj = trajectories[i]
-                ids = list(out["token_ids"])
-                traj.turn_spans.append((len(traj.completion_ids), len(traj.completion_ids) + len(ids)))
-                traj._append(ids, 1, out.get("logprobs") or [0.0] * len(ids))
-                traj.num_turns += 1
-                traj.turn_rewards.append(0.0)   # the environment's answer to this turn replaces it
-                text = renderer.tokenizer.decode(ids, skip_special_tokens=True)
-                traj.messages.append({"role": "assistant", "content": text})
-                if out.get("finish_reason") == "length":
-                    traj.end_reason = budgets[i][1]
-                    continue
-                stepping[i] = (pool.submit(_step, envs[i], text), ids)
-            for i, (future, ids) in stepping.items():
-                _absorb(trajectories[i], future.result(), ids_of_turn=ids, renderer=renderer, limits=limits)
+    try:
+        trajectories = []
+        for k, env in enumerate(envs):
+            try:
+                obs = env.initial_observation()
+            except Exception as err:
+                raise RuntimeError(f"environment {k} ({type(env).__name__}) failed in initial_observation: "
+                                   f"{type(err).__name__}: {err}") from err
+            prompt = renderer.prompt_ids(obs.messages, obs.tools)
+            trajectories.append(Trajectory(prompt_ids=prompt, messages=list(obs.messages), tools=list(obs.tools)))
+            if len(prompt) >= limits.max_context_tokens:
+                trajectories[-1].end_reason = "context"
+        with concurrent.futures.ThreadPoolExecutor(max_workers=limits.env_workers,
+                                                   thread_name_prefix="posttrain-env") as pool:
+            while True:
+                live = [i for i, t in enumerate(trajectories) if not t.done]
+                if not live:
+                    break
+                budgets = {i: _turn_budget(trajectories[i], limits) for i in live}
+                prompts = [trajectories[i].prompt_ids + trajectories[i].completion_ids for i in live]
+                outputs = generate(prompts, [turn_seed(seeds[i], trajectories[i].num_turns) for i in live],
+                                   [budgets[i][0] for i in live])
+                stepping = {}
+                for i, out in zip(live, outputs):
+                    traj = trajectories[i]
+                    ids = list(out["token_ids"])
+                    traj.turn_spans.append((len(traj.completion_ids), len(traj.completion_ids) + len(ids)))
+                    traj._append(ids, 1, out.get("logprobs") or [0.0] * len(ids))
+                    traj.num_turns += 1
+                    traj.turn_rewards.append(0.0)   # the environment's answer to this turn replaces it
+                    text = renderer.tokenizer.decode(ids, skip_special_tokens=True)
+                    traj.messages.append({"role": "assistant", "content": text})
+                    if out.get("finish_reason") == "length":
+                        traj.end_reason = budgets[i][1]
+                        continue
+                    stepping[i] = (pool.submit(_step, envs[i], text), ids)
+                for i, (future, ids) in stepping.items():
+                    _absorb(trajectories[i], future.result(), ids_of_turn=ids, renderer=renderer, limits=limits)
+    except BaseException:   # the engine or an environment failed mid-rollout: no tool process may outlive it
+        for env in envs:
+            try:
+                env.close()
+            except Exception:   # noqa: BLE001 - the original error is the one to report
+                pass
+        raise
     for env, traj in zip(envs, trajectories):
         try:
             env.close()

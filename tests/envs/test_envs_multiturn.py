@@ -253,3 +253,27 @@ def test_qwen3_family_template_shipped_with_vllm(tok):
     assert observation == ("\n<|im_start|>user\n<tool_response>\n2974557\n</tool_response><|im_end|>\n"
                            "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tok.decode(traj.prompt_ids).startswith("<|im_start|>system\n# Tools\n")
+
+
+def test_an_engine_failure_mid_rollout_closes_every_environment(tok):
+    """A generate() that raises on the second turn (an engine crash) propagates, and every environment of the batch
+    is closed first: a tool process (the python env's sandboxed interpreter) never outlives a failed rollout."""
+    closed = []
+
+    class Tracked(Calculator):
+        def close(self):
+            closed.append(id(self))
+
+    envs = [Tracked({"prompt": QUESTION}) for _ in range(3)]
+    first_turn, _ = scripted_generate(tok, {s: [call("mul", a=4821, b=617)] for s in range(3)})
+    turns = {"n": 0}
+
+    def generate(prompts, seeds, max_tokens):
+        turns["n"] += 1
+        if turns["n"] == 2:
+            raise RuntimeError("engine died")
+        return first_turn(prompts, seeds, max_tokens)
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        run_multiturn(envs, generate, ChatRenderer(tok), seeds=[0, 1, 2])
+    assert sorted(closed) == sorted(map(id, envs))
