@@ -202,8 +202,10 @@ _RAY_POOL: dict[str, Any] = {}
 
 
 class RayTasks:
-    """Units run as streaming calls on reward actors (num_cpus 0.5 each, no restarts, one unit at a time each),
-    which persist between calls: a run's reward step reuses warm processes that already imported the reward.
+    """Units run as streaming calls on reward actors (no restarts, one unit at a time each), which persist between
+    calls: a run's reward step reuses warm processes that already imported the reward. They reserve no CPU
+    (`rewards.max_concurrency` bounds them): held for the whole run, a reservation could keep actors started later
+    (MOPD's teacher engines) from being placed.
     Plain Ray tasks did not: Ray started fresh worker processes for them at every step and killed the idle ones
     during the update (two Python starts per step, the quickstart's 0.5–1 s reward step, benchmarks/VS_TRL.md).
     kill = ray.kill of that unit's actor (its process dies, C code included); a dead or killed actor is never
@@ -532,7 +534,7 @@ def combine(fns: list[RewardFn], terms: dict[int, RewardResult]) -> dict:
 def score_batch(fns: list[RewardFn], samples: list[dict], *, timeout_s: float, max_concurrency: int,
                 samples_per_task: int = 16, backend=None) -> list[dict]:
     """samples: [{data_source, solution, ground_truth, extra_info}] → [{score, components, failures, ...}] in
-    order, scored in Ray tasks (or `backend`), after each reward's prepare hook has run once."""
+    order, scored on the Ray reward actors (or `backend`), after each reward's prepare hook has run once."""
     fns = prepare_reward_servers(fns)
     backend = backend or RayTasks()
     try:
