@@ -360,6 +360,35 @@ def build_toy_vl(out_dir: str, *, domains: list[str] = tuple(VL_DOMAINS), sft_st
             "loss_curve_every_50": losses[::50]}
 
 
+def add_text_domains(model_dir: str, out_dir: str, *, text_domains: list[str], sft_steps: int = 300,
+                     rows_per_domain: int = 2000, visual_rows: int = 2000, habit_rate: float = 0.5, seed: int = 0,
+                     lr: float = 1e-3, batch_size: int = 32, device: str = "cpu") -> dict:
+    """Continue a toy VLM's warm-up with TEXT toy domains (posttrain.toy.tasks, e.g. tspan), mixed half and half
+    with its visual domains (replayed, so they are not forgotten), habits at `habit_rate` as in the visual
+    warm-up. The result answers text-only prompts too: the student of cross-modal MOPD, whose text samples a
+    text-only teacher scores. A short continuation runs on the CPU (text rows carry no pixels)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from posttrain.toy.tasks import make_rows
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    habit_rng = random.Random(f"{seed}-vl-text-habits")
+    examples = []
+    for row in make_rows(list(text_domains), rows_per_domain * len(text_domains), seed, "sft", with_habits=True):
+        info = row["extra_info"]
+        answer = info["habit"] if info.get("habit") and habit_rng.random() < habit_rate else info["answer"]
+        examples.append(VisualExample(row["prompt"][-1]["content"], answer, row["reward_model"]["ground_truth"]))
+    for _, ex in make_vl_examples(sorted(VL_DOMAINS), visual_rows, seed, "sft"):
+        if habit_rate > 0 and ex.habit_text is not None and habit_rng.random() < habit_rate:
+            ex = dataclasses.replace(ex, answer_text=ex.habit_text)
+        examples.append(ex)
+    losses = vl_supervised_warmup(model, processor, examples, steps=sft_steps, lr=lr, seed=seed, device=device,
+                                  batch_size=batch_size)
+    save_vl_model(model, processor.tokenizer, processor, out_dir)
+    return {"final_sft_loss": losses[-1], "loss_curve_every_50": losses[::50]}
+
+
 def build_vl_text_teacher(out_dir: str, *, domains: list[str], sft_steps: int = 600, sft_rows: int = 4000,
                           hidden_size: int = 128, seed: int = 0, lr: float = 3e-3, device: str = "cpu") -> dict:
     """A text-only teacher for cross-modal MOPD: a Qwen3 causal LM (text architecture, no vision tower) with the
