@@ -152,6 +152,30 @@ class RolloutGroup:
         return ray.get([w.prompt_token_logprobs.remote(token_ids) for w in self.workers])
 
 
+class SharedMedia:
+    """A step's media in Ray's object store (TrainerGroup.share_media): the distinct MultimodalPrompts, put once,
+    and each sample's index into them (-1: a text sample). The ObjectRef is boxed in a list so that a Ray call
+    passes it through unresolved; each rank fetches it once per step (TrainerRank.resolve_media). A per-call
+    argument only: never stored in anything that is checkpointed (an ObjectRef does not outlive the cluster)."""
+
+    def __init__(self, boxed_ref: list, index: list[int]):
+        self.boxed_ref, self.index = boxed_ref, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, idx: list[int]) -> "SharedMedia":
+        return SharedMedia(self.boxed_ref, [self.index[i] for i in idx])
+
+
+def take_media(mm_prompts, idx: list[int]):
+    """The samples `idx` of a per-sample media argument: a list of MultimodalPrompt / None, a SharedMedia, or None
+    (a text batch)."""
+    if isinstance(mm_prompts, SharedMedia):
+        return mm_prompts.take(idx)
+    return [mm_prompts[i] for i in idx] if mm_prompts else None
+
+
 class TrainerGroup:
     """The trainer ranks (Ray actors over torch.distributed). Every batch is split evenly and in order over the
     ranks; per-sample arrays are sliced with it."""
@@ -185,28 +209,46 @@ class TrainerGroup:
     def _shares(self, n: int) -> list[list[int]]:
         return [idx for idx in _split(list(range(n)), len(self.ranks))]
 
-    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
-                         ) -> list[list[float]]:
+    @staticmethod
+    def share_media(mm_prompts: list | None) -> SharedMedia | None:
+        """Put a step's media into the object store once; pass the handle to the methods below instead of the list,
+        so that the pixels do not travel again with every call (π_old, each mini-batch) and every rank. The n
+        samples of one prompt share one MultimodalPrompt: it is stored once. None (a text batch) stays None."""
+        if not mm_prompts:
+            return None
+        distinct: dict[int, int] = {}       # id(MultimodalPrompt) -> its position in the stored list
+        objects = []
+        for mm in mm_prompts:
+            if mm is not None and id(mm) not in distinct:
+                distinct[id(mm)] = len(objects)
+                objects.append(mm)
+        return SharedMedia([ray.put(objects)], [distinct[id(mm)] if mm is not None else -1 for mm in mm_prompts])
+
+    def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]],
+                         mm_prompts: list | SharedMedia | None = None) -> list[list[float]]:
         refs = [r.compute_logprobs.remote([prompts[i] for i in idx], [responses[i] for i in idx],
-                                          [mm_prompts[i] for i in idx] if mm_prompts else None)
+                                          take_media(mm_prompts, idx))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return [lp for part in ray.get(refs) for lp in part]
 
-    def compute_topk(self, prompts: list[list[int]], responses: list[list[int]], k: int):
+    def compute_topk(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+                     mm_prompts: list | SharedMedia | None = None):
+        """π's top-k and sampled-token log-probs of every sample (teachers.scores layout), with its media."""
         from teachers.scores import TeacherScores
 
-        refs = [r.compute_topk.remote([prompts[i] for i in idx], [responses[i] for i in idx], k)
+        refs = [r.compute_topk.remote([prompts[i] for i in idx], [responses[i] for i in idx], k,
+                                      take_media(mm_prompts, idx))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         parts = ray.get(refs)
         return TeacherScores.from_sequences([p.sequence(i) for p in parts for i in range(p.num_sequences)], k)
 
-    def train_minibatch(self, prompts, responses, arrays: dict[str, Any], mm_prompts: list | None = None
+    def train_minibatch(self, prompts, responses, arrays: dict[str, Any], mm_prompts: list | SharedMedia | None = None
                         ) -> dict[str, float]:
         """One optimizer step over the mini-batch; every rank sees the global size (loss weights), returns rank
         0's metrics."""
         refs = [r.train_minibatch.remote([prompts[i] for i in idx], [responses[i] for i in idx],
                                          {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts),
-                                         [mm_prompts[i] for i in idx] if mm_prompts else None)
+                                         take_media(mm_prompts, idx))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return ray.get(refs)[0]
 

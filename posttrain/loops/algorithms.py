@@ -17,6 +17,7 @@ import torch
 
 from posttrain.algorithms.grpo import grpo_loss
 from posttrain.algorithms.gspo import group_advantages, gspo_loss, truncated_importance_weights
+from posttrain.orchestration import take_media
 from posttrain.trainer.objectives import MOPDObjective, PolicyGradientObjective
 from teachers.scores import TeacherScores, padded
 
@@ -52,7 +53,8 @@ class GSPO:
             if a.filter_equal_reward_groups:  # a group whose rewards are all equal carries no signal
                 keep = {k for k in keep if bool((batch.rewards[batch.group_ids == batch.group_ids[k]]
                                                  != batch.rewards[k]).any())}
-            old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses, batch.mm_prompts)   # π_old
+            media = trainer.share_media(batch.mm_prompts)   # the pixels travel once per step (a handle, not kept)
+            old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses, media)   # π_old
             stale = {}
             if batch.stale_steps:   # sampled by μ, an older policy: reweight by π_old/μ (docs/algorithms.md §1.6)
                 weights = importance_weights(old_logprobs, batch.sampling_logprobs, batch.max_importance_weight,
@@ -74,7 +76,7 @@ class GSPO:
                         arrays["loss_mask"] = loss_mask_array(batch.loss_masks, idx, T)
                     metrics.append(trainer.train_minibatch(
                         [batch.prompts[k] for k in idx], [batch.responses[k] for k in idx], arrays,
-                        [batch.mm_prompts[k] for k in idx] if batch.mm_prompts else None))
+                        take_media(media, idx)))
         return {**mean_metrics(metrics), **stale}
 
     def progress(self, record: dict) -> dict[str, str]:
@@ -138,7 +140,8 @@ class MOPD:
                                                               batch.mm_prompts)
         with timer.span("update"):
             # 2. π_old top-k; token weights, loop points and the optional RL-mix advantages (all at θ_old) -----
-            student_scores = student_topk(trainer, batch.prompts, batch.responses, m.top_k, batch.mm_prompts)
+            media = trainer.share_media(batch.mm_prompts)   # the pixels travel once per step (a handle, not kept)
+            student_scores = student_topk(trainer, batch.prompts, batch.responses, m.top_k, media)
             raw_weights = None
             if m.category_weights:
                 special = set(self.tokenizer.all_special_ids)
@@ -174,8 +177,7 @@ class MOPD:
                     arrays.pop(diagnostic_only)
                 updates.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
                                                        [batch.responses[k] for k in idx], arrays,
-                                                       [batch.mm_prompts[k] for k in idx] if batch.mm_prompts
-                                                       else None))
+                                                       take_media(media, idx)))
         return {**diagnostics, **teacher_metrics, **mean_metrics(updates)}
 
     def progress(self, record: dict) -> dict[str, str]:
@@ -190,18 +192,11 @@ class MOPD:
                 "reverse_kl_last": statistics.fmean(rkl[-window:]) if rkl else None, "reverse_kl_window": window}
 
 
-def student_topk(trainer, prompts: list[list[int]], responses: list[list[int]], k: int, mm_prompts: list | None
+def student_topk(trainer, prompts: list[list[int]], responses: list[list[int]], k: int, mm_prompts
                  ) -> TeacherScores:
-    """π_old top-k of every sample (TrainerGroup.compute_topk), with each sample's media for a vision-language
-    student. TrainerGroup.compute_topk does not forward media (yet): with media, the same even, in-order split
-    over the ranks is done here."""
-    if not mm_prompts:
-        return trainer.compute_topk(prompts, responses, k)
-    import ray
-    refs = [rank.compute_topk.remote([prompts[i] for i in idx], [responses[i] for i in idx], k,
-                                     [mm_prompts[i] for i in idx])
-            for rank, idx in zip(trainer.ranks, trainer._shares(len(prompts))) if idx]
-    return TeacherScores.from_sequences([p.sequence(i) for p in ray.get(refs) for i in range(p.num_sequences)], k)
+    """π_old top-k of every sample, with each sample's media (a list, a TrainerGroup.share_media handle, or None)
+    for a vision-language student."""
+    return trainer.compute_topk(prompts, responses, k, mm_prompts)
 
 
 ALGORITHMS = {"gspo": GSPO, "grpo": GRPO, "mopd": MOPD}

@@ -110,6 +110,21 @@ class TrainerRank:
     def __init__(self, rank: int, world_size: int, settings: TrainerSettings):
         self.rank, self.world_size, self.settings = rank, world_size, settings
         self.objective = settings.objective
+        self._media: tuple[bytes, list] | None = None    # the last step's shared media: (ObjectRef id, objects)
+
+    def resolve_media(self, mm_prompts) -> list | None:
+        """Each sample's MultimodalPrompt (None: text) from a call's media argument: a list as is, or a SharedMedia
+        handle (TrainerGroup.share_media) fetched from the object store once per step: the π_old and mini-batch
+        calls of a step carry the same ref, so only the first one fetches."""
+        from posttrain.orchestration import SharedMedia
+
+        if not isinstance(mm_prompts, SharedMedia):
+            return mm_prompts
+        ref = mm_prompts.boxed_ref[0]
+        if self._media is None or self._media[0] != ref.binary():
+            self._media = (ref.binary(), ray.get(ref))    # the id, not the ref: the step's object may be freed
+        objects = self._media[1]
+        return [objects[j] if j >= 0 else None for j in mm_prompts.index]
 
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
@@ -254,6 +269,7 @@ class TrainerRank:
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
                          ) -> list[list[float]]:
         """π_old: the trainer's own log-probs of each response token under the current weights."""
+        mm_prompts = self.resolve_media(mm_prompts)
         self.model.eval()
         if self.settings.fsdp:
             out_by_index: dict[int, list[float]] = {}
@@ -279,6 +295,7 @@ class TrainerRank:
         mm_prompts: each sample's MultimodalPrompt (None: text) for a vision-language student."""
         from teachers.scores import TeacherScores
 
+        mm_prompts = self.resolve_media(mm_prompts)
         self.model.eval()
         mb, chunk = self.settings.micro_batch_size, self.settings.logprob_chunk_size
         parts = []
@@ -300,6 +317,7 @@ class TrainerRank:
         `arrays` holds the algorithm's per-sample inputs (first axis = sample), sliced per micro-batch. The
         objective's loss is a mean over sequences; each micro-batch's loss is weighted by its share of the
         *global* mini-batch, and ranks sum their gradients (all-reduce), which gives exactly the global mean."""
+        mm_prompts = self.resolve_media(mm_prompts)
         self.model.train()
         mb = self.settings.micro_batch_size
         metrics_sum: dict[str, float] = {}
