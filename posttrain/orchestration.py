@@ -14,7 +14,13 @@ import ray
 from posttrain.config import Recipe
 
 
+# Child processes this driver had before it started an embedded cluster (a multiprocessing forkserver, a
+# notebook's helpers): stop_ray kills what the cluster left behind, never these.
+_children_before_ray: set[int] = set()
+
+
 def start_ray(recipe: Recipe) -> None:
+    global _children_before_ray
     if ray.is_initialized():
         return
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -44,6 +50,8 @@ def start_ray(recipe: Recipe) -> None:
     # No runtime_env for the embedded cluster: its raylet and workers inherit this process's environment, and
     # skipping Ray's runtime-env agent saves seconds at init and at every worker start (benchmarks/STARTUP.md).
     os.environ.update(env_vars)
+    import psutil
+    _children_before_ray = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
@@ -66,7 +74,8 @@ def stop_ray(grace_s: float = 5.0) -> None:
 
     embedded = ray._private.worker.global_worker.node is not None and \
         ray._private.worker.global_worker.node.is_head()
-    ours = psutil.Process().children(recursive=True) if embedded else []
+    ours = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in _children_before_ray] if embedded else []
     ray.shutdown()
     _, alive = psutil.wait_procs(ours, timeout=grace_s)
     for proc in alive:
