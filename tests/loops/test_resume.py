@@ -103,7 +103,9 @@ def test_changed_recipe_refused_then_extended_and_resharded(uninterrupted, tmp_p
 def test_ctrl_c_leaves_no_orphans_and_checkpoint_intact(tmp_path):
     import psutil
     run_dir = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd(["run", *SMOKE, "--run-dir", run_dir, "--no-progress"]), cwd=REPO, env=_env(),
+    # 30 steps: with a faster start-up and reward step, 5 steps could end before the signal landed (seen once)
+    proc = subprocess.Popen(_cmd(["run", SMOKE[0], "total_steps=30", "--run-dir", run_dir, "--no-progress"]),
+                            cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -126,5 +128,5 @@ def test_ctrl_c_leaves_no_orphans_and_checkpoint_intact(tmp_path):
     latest = ckpt.latest_checkpoint(run_dir)
     assert latest is not None and os.path.exists(os.path.join(latest, "model", "model.safetensors"))
     # ... and the same command resumes from it.
-    out = _run([*SMOKE, "--run-dir", run_dir])
+    out = _run([SMOKE[0], "total_steps=30", "--run-dir", run_dir])
     assert out.returncode == 0 and "resuming" in out.stdout, out.stderr[-2000:]
