@@ -141,7 +141,7 @@ class MOPD:
         with timer.span("update"):
             # 2. π_old top-k; token weights, loop points and the optional RL-mix advantages (all at θ_old) -----
             media = trainer.share_media(batch.mm_prompts)   # the pixels travel once per step (a handle, not kept)
-            student_scores = student_topk(trainer, batch.prompts, batch.responses, m.top_k, media)
+            student_scores = trainer.compute_topk(batch.prompts, batch.responses, m.top_k, media)
             raw_weights = None
             if m.category_weights:
                 special = set(self.tokenizer.all_special_ids)
@@ -190,13 +190,6 @@ class MOPD:
         window = max(3, len(rkl) // 10)
         return {"reverse_kl_first": statistics.fmean(rkl[:window]) if rkl else None,
                 "reverse_kl_last": statistics.fmean(rkl[-window:]) if rkl else None, "reverse_kl_window": window}
-
-
-def student_topk(trainer, prompts: list[list[int]], responses: list[list[int]], k: int, mm_prompts
-                 ) -> TeacherScores:
-    """π_old top-k of every sample, with each sample's media (a list, a TrainerGroup.share_media handle, or None)
-    for a vision-language student."""
-    return trainer.compute_topk(prompts, responses, k, mm_prompts)
 
 
 ALGORITHMS = {"gspo": GSPO, "grpo": GRPO, "mopd": MOPD}
