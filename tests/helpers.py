@@ -27,10 +27,13 @@ def sigkill_at_random_step(argv: list[str], run_dir: str, rng, targets: list[int
         if any(r["step"] >= target for r in records()):
             break
         time.sleep(0.2)
-    # Anywhere inside the next step, checkpoint writes included: a pause of up to one measured step (a fixed
-    # pause could outlast the remaining steps on a fast machine, and then nothing would be tested).
-    step_s = next((r["time/step_s"] for r in reversed(records()) if "time/step_s" in r), 1.0)
-    time.sleep(rng.uniform(0.0, step_s))
+    # Anywhere inside the next step, checkpoint writes included: a pause of up to the shortest step measured so far
+    # (a fixed pause could outlast the remaining steps on a fast machine, and then nothing would be tested), cut
+    # short if the next step is logged first (steps vary: a teacher swap or a slow neighbour).
+    step_s = min((r["time/step_s"] for r in records() if "time/step_s" in r), default=1.0)
+    pause_until = time.time() + rng.uniform(0.0, step_s)
+    while time.time() < pause_until and not any(r["step"] > target for r in records()):
+        time.sleep(0.02)
     killed_at = max((r["step"] for r in records()), default=0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
