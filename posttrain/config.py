@@ -231,6 +231,9 @@ class MOPDAlgorithm(_Strict):
     loop_min_tokens: int = Field(32, ge=1)
     rl_mix: RLMixConfig = Field(default_factory=RLMixConfig)
     empty_overlap_fallback: bool = Field(False, description="Sampled-token reverse-KL advantage where Ω is empty.")
+    rest_bucket: bool = Field(False, description="The student's mass outside the top-k overlap Ω as one more "
+                              "candidate, so that pushing Ω down cannot leak mass onto tokens the teacher rejects "
+                              "(docs/algorithms.md §2.3); for a student far from its teacher.")
     loss_form: Literal["per_candidate", "keye_literal"] = Field(
         "per_candidate", description="keye_literal is the report's formula taken literally: an ablation whose "
         "expected gradient is zero (docs/algorithms.md §2.2).")

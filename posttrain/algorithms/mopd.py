@@ -119,6 +119,45 @@ def overlap_advantages(student_topk_ids: torch.Tensor, student_topk_logprobs: to
     return cand_mask, cand_adv
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x ≤ 0, stable at both ends (Mächler 2012): log(−expm1(x)) near 0, log1p(−eˣ) below −ln 2."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+REST_FLOOR = 1e-6   # the least mass either side may keep outside Ω (float32 cannot resolve 1 − Σ_Ω much below)
+
+
+def log_mass_outside(cand_logprobs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """log π(R), R = V ∖ Ω: log(1 − Σ_{v∈Ω} π(v)), floored at log REST_FLOOR.   [N,T,k] → [N,T]
+
+    Differentiable in cand_logprobs (full-vocabulary log-probs at the candidates); an empty Ω gives log 1 = 0."""
+    on_omega = torch.where(cand_mask.bool(), cand_logprobs, torch.full_like(cand_logprobs, -math.inf))
+    log_mass_on_omega = torch.logsumexp(on_omega, dim=-1)                                  # [N,T]; −inf if Ω = ∅
+    # Clamp the input, not the output: at Σ_Ω π = 1 the derivative of log(1 − eˣ) is infinite, and inf·0 = NaN.
+    return log1mexp(log_mass_on_omega.clamp(max=math.log1p(-REST_FLOOR)))
+
+
+@torch.no_grad()
+def rest_bucket_advantage(cand_mask: torch.Tensor, cand_old_logprobs: torch.Tensor,
+                          cand_teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mass outside Ω as one more candidate (docs/algorithms.md §2.3, `rest_bucket`).   [N,T,k] → [N,T] ×2
+
+        R = V ∖ Ω,   π(R) = 1 − Σ_{v∈Ω} π(v)   (student at θ_old and teacher alike, floored at REST_FLOOR)
+        a(R) = π_old(R) / Σ_{u∈Ω} π_old(u) · (log π_T(R) − log π_old(R))      (the same π̄ normaliser as a(v))
+
+    Returns (log π_old(R), a(R)); a(R) = 0 where Ω is empty (no distillation term there at all).
+    """
+    rest_old = log_mass_outside(cand_old_logprobs, cand_mask)                               # [N,T]
+    rest_teacher = log_mass_outside(cand_teacher_logprobs, cand_mask)                       # [N,T]
+    on_omega = torch.where(cand_mask, cand_old_logprobs, torch.full_like(cand_old_logprobs, -math.inf))
+    log_mass_on_omega = torch.logsumexp(on_omega, dim=-1)                                  # [N,T]
+    nonempty = cand_mask.any(-1)
+    share = torch.exp(rest_old - torch.where(nonempty, log_mass_on_omega, torch.zeros_like(rest_old)))
+    rest_adv = torch.where(nonempty, share * (rest_teacher - rest_old), torch.zeros_like(rest_old))
+    return rest_old, rest_adv
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Token weights: the train/inference gate b and the category weights c
 # ---------------------------------------------------------------------------------------------------------
@@ -181,10 +220,13 @@ class MOPDLossSettings:
     repetition_penalty      λ_rep ≥ 0 after the loop point τ_i (0: off)
     rl_alpha                α ≥ 0, the weight of the GSPO outcome-advantage term (0: pure MOPD)
     rl_clip_low, rl_clip_high   GSPO's ε_low, ε_high for that term
+    rest_bucket             add the mass outside Ω as one more candidate (`rest_bucket_term`): the gradient is
+                            then a true KL's, and pushing Ω down cannot leak mass onto tokens the teacher rejects
     """
     loss_form: str = "per_candidate"
     clip_eps: float | None = None
     empty_overlap_fallback: bool = False
+    rest_bucket: bool = False
     repetition_penalty: float = 0.0
     rl_alpha: float = 0.0
     rl_clip_low: float = 3e-4
@@ -233,6 +275,7 @@ class MOPDBatch:
       outcome_advantages [N]         A_i (gspo.group_advantages): RL mix
       cand_teacher_logprobs [N,T,k]  log π_T at the candidates: teacher-mass-on-Ω metric only
       teacher_index [N] long         the teacher each sequence was routed to: per-teacher metrics only
+      rest_old_logprobs, rest_adv [N,T]   log π_old(R) and a(R) of the rest bucket (`rest_bucket_advantage`)
     """
     mask: torch.Tensor
     cand_old_logprobs: torch.Tensor
@@ -247,6 +290,8 @@ class MOPDBatch:
     outcome_advantages: torch.Tensor | None = None
     cand_teacher_logprobs: torch.Tensor | None = None
     teacher_index: torch.Tensor | None = None
+    rest_old_logprobs: torch.Tensor | None = None
+    rest_adv: torch.Tensor | None = None
 
     def __post_init__(self):
         cand_shape = tuple(self.cand_adv.shape)
@@ -257,7 +302,8 @@ class MOPDBatch:
                     "cand_ids": cand_shape, "cand_teacher_logprobs": cand_shape,
                     "token_weights": (num_seqs, num_tokens), "gate": (num_seqs, num_tokens),
                     "sampled_old_logprobs": (num_seqs, num_tokens), "sampled_teacher_logprobs": (num_seqs, num_tokens),
-                    "loop_start": (num_seqs,), "outcome_advantages": (num_seqs,), "teacher_index": (num_seqs,)}
+                    "loop_start": (num_seqs,), "outcome_advantages": (num_seqs,), "teacher_index": (num_seqs,),
+                    "rest_old_logprobs": (num_seqs, num_tokens), "rest_adv": (num_seqs, num_tokens)}
         for name, shape in expected.items():
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
@@ -303,6 +349,25 @@ def distillation_term(cand_logprobs: torch.Tensor, cand_old_logprobs: torch.Tens
     cand_log_ratio = torch.where(cand_mask, cand_logprobs - cand_old, zeros)                # [N,T,k]
     cand_obj, _ = clipped_ratio_objective(cand_log_ratio, cand_adv, clip_eps, clip_eps)      # a·ρ [N,T,k]
     return -torch.where(cand_mask, cand_obj, torch.zeros_like(cand_obj)).sum(-1)
+
+
+def rest_bucket_term(cand_logprobs: torch.Tensor, cand_mask: torch.Tensor, rest_old_logprobs: torch.Tensor,
+                     rest_adv: torch.Tensor, *, clip_eps: float | None = None) -> torch.Tensor:
+    """The rest bucket R = V ∖ Ω as one more candidate.   cand_* [N,T,k], rest_* [N,T] → [N,T]
+
+        ℓ_rest[i,t] = −a_t(R)·ρ_t(R),     ρ_t(R) = exp(log πθ(R) − log π_old(R)),  log πθ(R) = log(1 − Σ_Ω πθ(v))
+        (clip_eps = ε: PPO per candidate, as distillation_term)
+
+    Why: the Ω terms alone follow the generalised KL on Ω (§2.3), which moves Ω's total mass freely; where the
+    student is more confident than the teacher on Ω every a(v) < 0 and the mass leaves Ω — for tokens outside
+    BOTH top-k lists, i.e. ones the teacher rejects. With R, at θ = θ_old the summed gradient is that of the true
+    KL between the coarsened distributions (Ω's tokens and R) over sg[π_old(Ω)], whose minimum also matches
+    the mass outside Ω. a(R) = 0 where Ω is empty, so the term vanishes there.
+    """
+    rest_theta = log_mass_outside(cand_logprobs, cand_mask)                                  # log πθ(R) [N,T]
+    log_ratio = rest_theta - rest_old_logprobs.detach().to(cand_logprobs.dtype)
+    objective, _ = clipped_ratio_objective(log_ratio, rest_adv.detach().to(cand_logprobs.dtype), clip_eps, clip_eps)
+    return -objective
 
 
 def empty_overlap_fallback_term(sampled_logprobs: torch.Tensor, sampled_old_logprobs: torch.Tensor,
@@ -390,7 +455,7 @@ def mopd_objective(batch: MOPDBatch, settings: MOPDLossSettings, *, cand_logprob
     """The MOPD loss (docs/algorithms.md §2.8): the per-token terms, weighted, summed, each sequence counted once.
 
         loss   = (1/N') Σ_i (1/|M_i|) Σ_{t∈M_i} ℓ_i,t                                        (gspo.sequence_mean)
-        ℓ_i,t  = w·1[t<τ_i]·ℓ_distill  + w·ℓ_fb  + λ_rep·b·ℓ_rep  + α·b·ℓ_GSPO-token,      w = b·c
+        ℓ_i,t  = w·1[t<τ_i]·(ℓ_distill [+ ℓ_rest])  + w·ℓ_fb  + λ_rep·b·ℓ_rep  + α·b·ℓ_GSPO-token,   w = b·c
         (loss_form keye_literal: ℓ_i,t = ℓ_lit, the zero-gradient ablation)
 
     cand_logprobs [N,T,k]: log πθ at batch.cand_ids, differentiable (None only for keye_literal);
@@ -415,6 +480,11 @@ def mopd_objective(batch: MOPDBatch, settings: MOPDLossSettings, *, cand_logprob
 
     distill = distillation_term(cand_logprobs, batch.cand_old_logprobs, batch.cand_adv, batch.cand_mask,
                                 clip_eps=settings.clip_eps)
+    if settings.rest_bucket:
+        reason = "rest_bucket=True"
+        distill = distill + rest_bucket_term(
+            cand_logprobs, batch.cand_mask, _require("rest_old_logprobs", batch.rest_old_logprobs, reason),
+            _require("rest_adv", batch.rest_adv, reason), clip_eps=settings.clip_eps)
     token_losses = {"distillation": weight * torch.where(distill_active, distill, torch.zeros_like(distill))}
     if settings.empty_overlap_fallback:
         reason = "empty_overlap_fallback=True"
@@ -486,6 +556,8 @@ def mopd_metrics(batch: MOPDBatch, settings: MOPDLossSettings, *,
         "student_mass_on_overlap": torch.where(cand_mask, old_probs, torch.zeros_like(old_probs)).sum(-1),
         "adv_mean": cand_adv.sum(-1),                                                        # the report's Â_t
     }
+    if batch.rest_adv is not None:
+        per_token["rest_adv_mean"] = batch.rest_adv.detach().to(dtype)                        # a(R)
     if batch.cand_teacher_logprobs is not None:
         teacher_probs = torch.exp(batch.cand_teacher_logprobs.detach().to(dtype))
         per_token["teacher_mass_on_overlap"] = torch.where(

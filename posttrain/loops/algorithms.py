@@ -107,7 +107,7 @@ class MOPD:
         from posttrain.algorithms.mopd import MOPDLossSettings
         m = self.settings
         return MOPDLossSettings(loss_form=m.loss_form, clip_eps=m.clip_eps,
-                                empty_overlap_fallback=m.empty_overlap_fallback,
+                                empty_overlap_fallback=m.empty_overlap_fallback, rest_bucket=m.rest_bucket,
                                 repetition_penalty=m.repetition_penalty, rl_alpha=m.rl_mix.alpha,
                                 rl_clip_low=m.rl_mix.clip_low, rl_clip_high=m.rl_mix.clip_high)
 
@@ -230,7 +230,8 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
     """Padded [N,T(,k)] arrays of one batch: candidates, π_old, teacher top-k → advantages, weights, gate.
 
     The advantages are computed here, once per step, at θ_old (they are detached by definition)."""
-    from posttrain.algorithms.mopd import normalise_token_weights, overlap_advantages, train_inference_gate
+    from posttrain.algorithms.mopd import (normalise_token_weights, overlap_advantages, rest_bucket_advantage,
+                                           train_inference_gate)
 
     T = max(len(r) for r in responses)
     N = len(responses)
@@ -252,10 +253,14 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
            "cand_mask": cand_mask.numpy(), "token_weights": token_weights.numpy(),
            "sampled_old_logprobs": sampled_old.numpy(), "sampled_teacher_logprobs": sampled_teacher.numpy(),
            "loop_start": np.asarray(loop_start, np.int64), "mask": mask.numpy()}
-    # log π_T at the candidates, for the teacher-mass-on-Ω metric only.
+    # log π_T at the candidates: the teacher-mass-on-Ω metric and the rest bucket.
     same = cand_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)
-    out["cand_teacher_logprobs"] = torch.where(cand_mask, teacher_lp.gather(-1, same.to(torch.uint8).argmax(-1)),
-                                               torch.zeros_like(cand_old)).numpy()
+    cand_teacher = torch.where(cand_mask, teacher_lp.gather(-1, same.to(torch.uint8).argmax(-1)),
+                               torch.zeros_like(cand_old))
+    out["cand_teacher_logprobs"] = cand_teacher.numpy()
+    if m.rest_bucket:
+        rest_old, rest_adv = rest_bucket_advantage(cand_mask, cand_old, cand_teacher)         # [N,T] each
+        out["rest_old_logprobs"], out["rest_adv"] = rest_old.numpy(), rest_adv.numpy()
     if m.gate_low is not None:
         mu = torch.from_numpy(padded([np.asarray(lp, np.float32) for lp in rollout_logprobs], T))
         out["gate"] = train_inference_gate(sampled_old, mu, low=m.gate_low, high=m.gate_high).numpy()

@@ -16,6 +16,7 @@ from posttrain.algorithms.mopd import (
     normalise_token_weights,
     overlap_advantages,
     per_teacher_metrics,
+    rest_bucket_advantage,
     teacher_logprobs_at_candidates,
     train_inference_gate,
 )
@@ -558,3 +559,90 @@ def test_metrics_at_theta_old_need_no_loss():
     expected_kl = ((inputs["sampled_old_logprobs"] - inputs["sampled_teacher_logprobs"]) * mask).sum() / mask.sum()
     assert metrics["mopd/reverse_kl"] == pytest.approx(float(expected_kl))
     assert sum(metrics[f"mopd/token_share/{name}"] for name in "abc") == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rest bucket R = V ∖ Ω (rest_bucket=True)
+
+
+def _rest_batch(s_ids, s_lp, t_ids, t_lp, n, t):
+    cand_mask, cand_adv = overlap_advantages(s_ids, s_lp, t_ids, t_lp)
+    _, cand_teacher = teacher_logprobs_at_candidates(s_ids, t_ids, t_lp)
+    rest_old, rest_adv = rest_bucket_advantage(cand_mask, s_lp, cand_teacher)
+    return MOPDBatch(mask=torch.ones(n, t, dtype=F64), cand_old_logprobs=s_lp, cand_adv=cand_adv,
+                     cand_mask=cand_mask, rest_old_logprobs=rest_old, rest_adv=rest_adv)
+
+
+def test_rest_bucket_gradient_at_theta_old_is_the_coarsened_kl_over_detached_mass():
+    # With R, the loss's gradient at θ_old is ∇ KL(πθ‖π_T) over the partition {v ∈ Ω} ∪ {R}, / sg[πθ(Ω)].
+    n, t = 2, 3
+    student_logits, teacher_lp_full, s_ids, s_lp, t_ids, t_lp = _student_teacher(n=n, t=t)
+    batch = _rest_batch(s_ids, s_lp, t_ids, t_lp, n, t)
+    assert bool(batch.cand_mask.any(-1).all()) and bool((~batch.cand_mask).any())
+
+    theta = student_logits.clone().requires_grad_()
+    loss, _ = mopd_objective(batch, MOPDLossSettings(rest_bucket=True),
+                             cand_logprobs=torch.log_softmax(theta, -1).gather(-1, s_ids))
+    (grad_mopd,) = torch.autograd.grad(loss, theta)
+
+    theta2 = student_logits.clone().requires_grad_()
+    probs = torch.softmax(theta2, -1).gather(-1, s_ids)
+    teacher_probs = teacher_lp_full.exp().gather(-1, s_ids)
+    zeros = torch.zeros_like(probs)
+    on_omega = torch.where(batch.cand_mask, probs, zeros)
+    rest, rest_teacher = 1 - on_omega.sum(-1), 1 - torch.where(batch.cand_mask, teacher_probs, zeros).sum(-1)
+    kl = (torch.where(batch.cand_mask, probs * (probs.log() - teacher_probs.log()), zeros).sum(-1)
+          + rest * (rest.log() - rest_teacher.log()))                    # KL over Ω's tokens and R
+    (grad_kl,) = torch.autograd.grad((kl / on_omega.sum(-1).detach()).mean(), theta2)
+
+    assert grad_mopd.abs().max() > 1e-3
+    torch.testing.assert_close(grad_mopd, grad_kl, rtol=1e-9, atol=1e-12)
+
+
+def test_rest_bucket_pulls_the_mass_outside_omega_toward_the_teachers():
+    # One state, V = 6, k = 2. The student is sure of token 0, the teacher prefers token 1 more than the student
+    # does and puts almost nothing on tokens 2–5. The Ω terms lower token 0 and the softmax hands part of that
+    # mass to tokens 2–5 too; a(R) < 0 pushes it back.
+    student = torch.tensor([[[6.0, 3.0, 0.0, 0.0, 0.0, 0.0]]], dtype=F64)
+    teacher_lp_full = torch.log_softmax(torch.tensor([[[4.0, 3.5, -4.0, -4.0, -4.0, -4.0]]], dtype=F64), -1)
+    s_lp, s_ids = torch.log_softmax(student, -1).topk(2, -1)
+    t_lp, t_ids = teacher_lp_full.topk(2, -1)
+    batch = _rest_batch(s_ids, s_lp, t_ids, t_lp, 1, 1)
+    assert bool(batch.cand_mask.all())
+    assert batch.cand_adv[0, 0, 0] < 0 < batch.cand_adv[0, 0, 1] and batch.rest_adv[0, 0] < 0
+
+    def mass_outside_after(steps: int, rest_bucket: bool) -> float:
+        logits = student.clone().requires_grad_()
+        opt = torch.optim.SGD([logits], lr=1.0)
+        for _ in range(steps):   # π_old fixed: one update of several optimizer steps
+            loss, _ = mopd_objective(batch, MOPDLossSettings(rest_bucket=rest_bucket),
+                                     cand_logprobs=torch.log_softmax(logits, -1).gather(-1, s_ids))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(torch.softmax(logits.detach(), -1)[0, 0, 2:].sum())
+
+    for steps in (1, 5, 20):
+        assert mass_outside_after(steps, True) < mass_outside_after(steps, False), steps
+
+
+def test_rest_bucket_is_zero_where_omega_is_empty_and_finite_where_omega_holds_all_mass():
+    s_ids = torch.tensor([[[0, 1], [2, 3]]])
+    s_lp = torch.tensor([[[0.0, -40.0], [-0.1, -2.5]]], dtype=F64)      # position 0: Ω holds all the mass
+    t_ids = torch.tensor([[[0, 1], [4, 5]]])                              # position 1: Ω empty
+    t_lp = torch.tensor([[[-1e-9, -30.0], [-0.1, -2.5]]], dtype=F64)
+    batch = _rest_batch(s_ids, s_lp, t_ids, t_lp, 1, 2)
+    assert batch.rest_adv[0, 1] == 0.0
+    assert torch.isfinite(batch.rest_adv).all() and torch.isfinite(batch.rest_old_logprobs).all()
+    theta = s_lp.clone().requires_grad_()
+    loss, _ = mopd_objective(batch, MOPDLossSettings(rest_bucket=True), cand_logprobs=theta)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(theta.grad).all()
+
+
+def test_rest_bucket_without_its_arrays_is_a_clear_error():
+    _, _, s_ids, s_lp, t_ids, t_lp = _student_teacher()
+    cand_mask, cand_adv = overlap_advantages(s_ids, s_lp, t_ids, t_lp)
+    batch = MOPDBatch(mask=torch.ones(2, 3, dtype=F64), cand_old_logprobs=s_lp, cand_adv=cand_adv, cand_mask=cand_mask)
+    with pytest.raises(ValueError, match="rest_old_logprobs is required when rest_bucket=True"):
+        mopd_objective(batch, MOPDLossSettings(rest_bucket=True), cand_logprobs=s_lp)
