@@ -134,7 +134,8 @@ class TrainerConfig(_Strict):
                                     "152K vocabulary; lower it on small GPUs), never the full [N, T, V].")
     torch_threads: int = Field(1, ge=0, description="torch.set_num_threads in each trainer actor. 0: the CPUs the "
                                "update has — all of the node's with synchronous rollout (the engines sit idle "
-                               "during the update), those not held by rollout workers with async_steps = 1.")
+                               "during the update); with async_steps = 1 those not held by rollout workers while "
+                               "the next batch is being generated, and all of them again once it is done.")
     max_nonfinite_steps: int = Field(3, ge=1, description="A step whose loss or gradient norm is not finite is "
                                      "skipped (weights unchanged) and counted; this many in a row stop the run.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

@@ -7,7 +7,7 @@ vLLM, tiny model) and a GPU cluster use exactly this code; only the recipe's res
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -199,6 +199,11 @@ class TrainerGroup:
             rank, t.num_workers, settings) for rank in range(t.num_workers)]
         self.rank0 = self.ranks[0]
         self._recipe, self._address = recipe, self.rank0.node_address.remote()
+        # With torch_threads 0 and asynchronous rollout, the ranks' threads follow the engines: the driver sets
+        # `engines_busy` (is a generation in flight?) and each pass first fits the threads to it.
+        self.engines_busy: Callable[[], bool] = lambda: False
+        self._adaptive_threads = t.torch_threads == 0 and bool(recipe.rollout.async_steps)
+        self._busy_state: bool | None = None
         if wait:
             self.wait_started()
 
@@ -233,8 +238,18 @@ class TrainerGroup:
                 objects.append(mm)
         return SharedMedia([ray.put(objects)], [distinct[id(mm)] if mm is not None else -1 for mm in mm_prompts])
 
+    def _fit_threads(self) -> None:
+        """Give the ranks the cores the engines left (one Ray round trip, only when the engines' state changed)."""
+        if not self._adaptive_threads:
+            return
+        busy = bool(self.engines_busy())
+        if busy != self._busy_state:
+            self.call_all("fit_threads", busy)
+            self._busy_state = busy
+
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]],
                          mm_prompts: list | SharedMedia | None = None) -> list[list[float]]:
+        self._fit_threads()
         refs = [r.compute_logprobs.remote([prompts[i] for i in idx], [responses[i] for i in idx],
                                           take_media(mm_prompts, idx))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
@@ -245,6 +260,7 @@ class TrainerGroup:
         """π's top-k and sampled-token log-probs of every sample (teachers.scores layout), with its media."""
         from teachers.scores import TeacherScores
 
+        self._fit_threads()
         refs = [r.compute_topk.remote([prompts[i] for i in idx], [responses[i] for i in idx], k,
                                       take_media(mm_prompts, idx))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
@@ -255,6 +271,7 @@ class TrainerGroup:
                         ) -> dict[str, float]:
         """One optimizer step over the mini-batch; every rank sees the global size (loss weights), returns rank
         0's metrics."""
+        self._fit_threads()
         refs = [r.train_minibatch.remote([prompts[i] for i in idx], [responses[i] for i in idx],
                                          {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts),
                                          take_media(mm_prompts, idx))

@@ -276,6 +276,7 @@ class MOPDBatch:
       cand_teacher_logprobs [N,T,k]  log π_T at the candidates: teacher-mass-on-Ω metric only
       teacher_index [N] long         the teacher each sequence was routed to: per-teacher metrics only
       rest_old_logprobs, rest_adv [N,T]   log π_old(R) and a(R) of the rest bucket (`rest_bucket_advantage`)
+      rollout_logprobs [N,T]         μ(y_t), the engine's sampling log-prob: the train/inference mismatch metric
     """
     mask: torch.Tensor
     cand_old_logprobs: torch.Tensor
@@ -292,6 +293,7 @@ class MOPDBatch:
     teacher_index: torch.Tensor | None = None
     rest_old_logprobs: torch.Tensor | None = None
     rest_adv: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
 
     def __post_init__(self):
         cand_shape = tuple(self.cand_adv.shape)
@@ -303,7 +305,8 @@ class MOPDBatch:
                     "token_weights": (num_seqs, num_tokens), "gate": (num_seqs, num_tokens),
                     "sampled_old_logprobs": (num_seqs, num_tokens), "sampled_teacher_logprobs": (num_seqs, num_tokens),
                     "loop_start": (num_seqs,), "outcome_advantages": (num_seqs,), "teacher_index": (num_seqs,),
-                    "rest_old_logprobs": (num_seqs, num_tokens), "rest_adv": (num_seqs, num_tokens)}
+                    "rest_old_logprobs": (num_seqs, num_tokens), "rest_adv": (num_seqs, num_tokens),
+                    "rollout_logprobs": (num_seqs, num_tokens)}
         for name, shape in expected.items():
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
@@ -565,6 +568,9 @@ def mopd_metrics(batch: MOPDBatch, settings: MOPDLossSettings, *,
     if batch.sampled_old_logprobs is not None and batch.sampled_teacher_logprobs is not None:
         # sg[log π_old(y_t) − log π_T(y_t)]: single-sample estimate of KL(π_old ‖ π_T); should fall.
         per_token["reverse_kl"] = (batch.sampled_old_logprobs - batch.sampled_teacher_logprobs).to(dtype)
+    if batch.sampled_old_logprobs is not None and batch.rollout_logprobs is not None:
+        # |log π_old(y_t) − log μ(y_t)|: the trainer and the engine should agree on the sampled tokens (≈ 0)
+        per_token["train_inference_abs_diff"] = (batch.sampled_old_logprobs - batch.rollout_logprobs).abs().to(dtype)
     metrics = {f"mopd/{name}": _masked_mean(value, mask_f) for name, value in per_token.items()}
 
     valid = mask_f > 0

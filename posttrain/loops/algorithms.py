@@ -173,7 +173,7 @@ class MOPD:
             updates = []
             for idx in whole_group_minibatches(len(batch.prompts), m.mini_batches):
                 arrays = arrays_for(idx)
-                for diagnostic_only in ("cand_teacher_logprobs", "mask"):   # loss_mask goes to the trainer
+                for diagnostic_only in ("cand_teacher_logprobs", "rollout_logprobs", "mask"):   # not loss_mask
                     arrays.pop(diagnostic_only)
                 updates.append(trainer.train_minibatch([batch.prompts[k] for k in idx],
                                                        [batch.responses[k] for k in idx], arrays,
@@ -261,8 +261,9 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
     if m.rest_bucket:
         rest_old, rest_adv = rest_bucket_advantage(cand_mask, cand_old, cand_teacher)         # [N,T] each
         out["rest_old_logprobs"], out["rest_adv"] = rest_old.numpy(), rest_adv.numpy()
+    mu = torch.from_numpy(padded([np.asarray(lp, np.float32) for lp in rollout_logprobs], T))   # μ(y_t)
+    out["rollout_logprobs"] = mu.numpy()
     if m.gate_low is not None:
-        mu = torch.from_numpy(padded([np.asarray(lp, np.float32) for lp in rollout_logprobs], T))
         out["gate"] = train_inference_gate(sampled_old, mu, low=m.gate_low, high=m.gate_high).numpy()
     if outcome_advantages is not None:
         out["outcome_advantages"] = outcome_advantages.astype(np.float32)

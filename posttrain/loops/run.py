@@ -135,6 +135,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
     generator = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-rollout")
     actors.append(generator)                                      # shut down with the actors, whatever happens
     pending = pending_from_checkpoint(resume_from)
+    trainer.engines_busy = lambda: pending is not None and not pending.done()   # trainer.torch_threads 0
 
     def launch(step: int) -> concurrent.futures.Future:
         rows_idx = cursor.next_indices(r.prompts_per_step)       # drawn here, in order: the cursor stays exact

@@ -129,9 +129,20 @@ class TrainerRank:
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
+    def fit_threads(self, engines_busy: bool) -> int:
+        """torch's threads for the next pass: trainer.torch_threads, or with 0 the CPUs the pass has — all of the
+        node's while the rollout engines are idle, those they do not hold while a generation is in flight
+        (asynchronous rollout). Returns the count set."""
+        s = self.settings
+        reserved = int(s.reserved_cpus) if engines_busy else 0
+        threads = s.torch_threads or max(1, len(os.sched_getaffinity(0)) - reserved)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        return threads
+
     def setup(self, master_addr: str, master_port: int) -> int:
         s = self.settings
-        torch.set_num_threads(s.torch_threads or max(1, len(os.sched_getaffinity(0)) - int(s.reserved_cpus)))
+        self.fit_threads(engines_busy=True)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if s.use_gpu and torch.cuda.is_available()
                        else torch.device("cpu"))
         backend = s.backend if s.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")

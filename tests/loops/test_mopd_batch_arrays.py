@@ -45,3 +45,19 @@ def test_mopd_batch_carries_the_rest_bucket_only_when_asked(rest_bucket):
     with_rest, _ = mopd_objective(batch, MOPDLossSettings(rest_bucket=True), cand_logprobs=cand)
     without, _ = mopd_objective(batch, MOPDLossSettings(), cand_logprobs=cand)
     assert torch.isfinite(with_rest) and not torch.equal(with_rest, without)
+
+
+def test_train_inference_mismatch_metric_is_the_mean_absolute_gap_on_real_tokens():
+    from posttrain.loops.algorithms import step_metrics
+
+    rng = np.random.default_rng(1)
+    lengths, k, vocab = [2, 4], 3, 6
+    student, teacher = _scores(rng, lengths, k, vocab), _scores(rng, lengths, k, vocab)
+    old = [student.sequence(i)[2] for i in range(2)]
+    mu = [lp + 0.5 for lp in old[:1]] + [old[1] - 0.25]          # the engine off by 0.5 and by 0.25 nats
+    m = types.SimpleNamespace(gate_low=None, gate_high=None, rest_bucket=False)
+    arrays = mopd_batch(student, teacher, [[0] * n for n in lengths], m, rollout_logprobs=mu, token_weights_raw=None,
+                        loop_start=list(lengths), outcome_advantages=None)
+    metrics = step_metrics(arrays, MOPDLossSettings(), [0, 1], ["a", "b"])
+    assert metrics["mopd/train_inference_abs_diff"] == pytest.approx((2 * 0.5 + 4 * 0.25) / 6, abs=1e-6)
+    assert metrics["mopd/train_inference_abs_diff/a"] == pytest.approx(0.5, abs=1e-6)
