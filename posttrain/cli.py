@@ -284,15 +284,24 @@ def _cmd_toy_vl(args) -> int:
     import posttrain.vl  # noqa: F401 — torchvision's operator schemas before any processor import
     from posttrain.vl import toy
     domains = args.domains.split(",")
+    if args.toy_cmd == "build-vl" and args.text_teacher and args.continue_from:
+        print("error: --text-teacher and --continue-from are two different builds; pick one", file=sys.stderr)
+        return 2
     if args.toy_cmd == "build-vl" and args.text_teacher:
         info = toy.build_vl_text_teacher(args.out, domains=domains, sft_steps=args.sft_steps, sft_rows=args.sft_rows,
-                                         seed=args.seed, lr=args.lr, device=args.device)
+                                         seed=args.seed, lr=args.lr or 3e-3, device=args.device)
+        print(json.dumps(info))
+        return 0
+    if args.toy_cmd == "build-vl" and args.continue_from:
+        info = toy.add_text_domains(args.continue_from, args.out, text_domains=domains, sft_steps=args.sft_steps,
+                                    habit_rate=args.habit_rate, seed=args.seed, lr=args.lr or 1e-3,
+                                    batch_size=args.batch_size or 32, device=args.device)
         print(json.dumps(info))
         return 0
     if args.toy_cmd == "build-vl":
         info = toy.build_toy_vl(args.out, domains=domains, sft_steps=args.sft_steps, sft_rows=args.sft_rows,
-                                habit_rate=args.habit_rate, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                                device=args.device)
+                                habit_rate=args.habit_rate, seed=args.seed, lr=args.lr or 3e-3,
+                                batch_size=args.batch_size or 64, device=args.device)
         print(json.dumps(info))
         return 0
     for domain in domains:
@@ -357,13 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sft-steps", type=int, default=600)
     v.add_argument("--sft-rows", type=int, default=4000)
     v.add_argument("--habit-rate", type=float, default=0.5)
-    v.add_argument("--lr", type=float, default=3e-3)
-    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--lr", type=float, default=None, help="3e-3 (1e-3 with --continue-from)")
+    v.add_argument("--batch-size", type=int, default=None, help="64 (32 with --continue-from)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
     v.add_argument("--text-teacher", action="store_true",
                    help="build instead a text-only Qwen3 teacher with the toy VLM's tokenizer, warmed up on the TEXT "
                         "toy domains named by --domains (e.g. tspan): the text teacher of cross-modal MOPD")
+    v.add_argument("--continue-from", default=None, metavar="VLM_DIR",
+                   help="continue this toy VLM's warm-up with the TEXT toy domains named by --domains, mixed half "
+                        "and half with its visual domains (habits at --habit-rate): the student of cross-modal MOPD")
     vd = toy.add_parser("data-vl", help="write OUT_DIR/vl-DOMAIN/{train,eval}.jsonl and their images/videos")
     vd.add_argument("--out-dir", required=True)
     vd.add_argument("--domains", default="ground,count,ocr,video")

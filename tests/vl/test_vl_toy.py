@@ -115,3 +115,26 @@ def test_committed_toy_vl_loads_and_has_partial_competence():
     assert model.config.vision_config.depth == 2 and model.config.text_config.num_hidden_layers == 2
     scores = evaluate_vl(model, processor, sorted(VL_DOMAINS), n=8, temperature=0.0)
     assert sum(scores.values()) > 0.2, scores
+
+
+def test_build_vl_continue_from_adds_text_domains_through_the_cli(tmp_path):
+    """`posttrain toy build-vl --continue-from VLM --domains count` writes a loadable VLM folder (the cross-modal
+    student's build) whose weights moved; combining it with --text-teacher is refused."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    source = os.path.join(REPO, "posttrain", "toy", "assets", "toy-vl")
+    out = tmp_path / "mixed"
+    cmd = [sys.executable, "-m", "posttrain.cli", "toy", "build-vl", "--continue-from", source, "--domains", "count",
+           "--sft-steps", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    before, after = load_file(os.path.join(source, "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(before) == set(after)
+    assert any(not (before[k] == after[k]).all() for k in before)
+    refused = subprocess.run(cmd + ["--text-teacher"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pick one" in refused.stderr
