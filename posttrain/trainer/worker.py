@@ -226,8 +226,9 @@ class TrainerRank:
             hidden = body(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state  # [n,L,H]
             prompt_lens = [len(p) for p in prompts]
         else:
+            from posttrain.vl.logprobs import vl_hidden_states
             batch, prompt_lens = self.pack(prompts, responses, mm_prompts)
-            hidden = self._vl_hidden(batch)                                                          # [n,L,H]
+            hidden = vl_hidden_states(self.model, batch)                                             # [n,L,H]
         n = len(prompts)
         index = torch.zeros((n, num_tokens), dtype=torch.long, device=self.device)
         resp_ids = torch.zeros((n, num_tokens), dtype=torch.long, device=self.device)
@@ -238,21 +239,6 @@ class TrainerRank:
             mask[i, :len(r)] = 1.0
         hidden_resp = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))          # [n,T,H]
         return hidden_resp, resp_ids, mask
-
-    def _vl_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The VLM body's final hidden states [n,L,H] of a pack_vl_sequences batch, with its pixels and explicit
-        3-D rotary positions (the inputs posttrain.vl.logprobs.vl_sequence_token_logprobs gives the body)."""
-        from posttrain.vl.logprobs import PIXEL_KEYS, vl_position_ids
-
-        dtype = self.lm_head_weight.dtype
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k != "response_mask"}
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in inputs:
-                inputs[key] = inputs[key].to(dtype)
-        return self.model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                position_ids=vl_position_ids(self.model, inputs),
-                                mm_token_type_ids=inputs["mm_token_type_ids"],
-                                **{k: inputs[k] for k in PIXEL_KEYS if k in inputs}).last_hidden_state
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

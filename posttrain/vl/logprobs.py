@@ -84,23 +84,28 @@ def vl_position_ids(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return position_ids
 
 
+def vl_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The VLM body's final hidden states [N, L, H] of a pack_vl_sequences batch: its pixels in the LM head's dtype
+    and explicit 3-D rotary positions (vl_position_ids), so that the engine's positions are reproduced. The
+    vision tower runs inside the body; whether it gets gradients is set_vision_trainable's business."""
+    lm_head = model.get_output_embeddings()
+    inputs = {k: v.to(lm_head.weight.device) for k, v in batch.items() if k != "response_mask"}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(lm_head.weight.dtype)
+    return model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       position_ids=vl_position_ids(model, inputs), mm_token_type_ids=inputs["mm_token_type_ids"],
+                       **{k: inputs[k] for k in PIXEL_KEYS if k in inputs}).last_hidden_state
+
+
 def vl_sequence_token_logprobs(model, batch: dict[str, torch.Tensor],
                                chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """log πθ(x_t | x_<t) for t ≥ 1 of right-padded multimodal sequences.   input_ids [N, L] → [N, L-1]
 
-    Position t-1 of the result scores token t (as posttrain.algorithms.logprobs.sequence_token_logprobs).
-    The vision tower runs inside the body; whether it gets gradients is set_vision_trainable's business."""
-    lm_head = model.get_output_embeddings()
-    device = lm_head.weight.device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "response_mask"}
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs:
-            inputs[key] = inputs[key].to(lm_head.weight.dtype)
-    position_ids = vl_position_ids(model, inputs)
-    hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         position_ids=position_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                         **{k: inputs[k] for k in PIXEL_KEYS if k in inputs}).last_hidden_state
-    return chunked_token_logprobs(hidden[:, :-1], lm_head.weight, inputs["input_ids"][:, 1:], chunk_size)
+    Position t-1 of the result scores token t (as posttrain.algorithms.logprobs.sequence_token_logprobs)."""
+    hidden = vl_hidden_states(model, batch)                                                     # [N,L,H]
+    input_ids = batch["input_ids"].to(hidden.device)
+    return chunked_token_logprobs(hidden[:, :-1], model.get_output_embeddings().weight, input_ids[:, 1:], chunk_size)
 
 
 def set_vision_trainable(model, trainable: bool) -> int:

@@ -23,10 +23,13 @@ def _recipe(torch_threads: int, async_steps: int) -> Recipe:
 
 @pytest.fixture
 def two_cpus(monkeypatch):
+    """Two CPUs, and torch's thread count as a plain value: an in-process vLLM engine earlier in the same pytest
+    process replaces torch.set_num_threads with a no-op (vllm/v1/worker/cpu_worker.py), so the real one cannot be
+    relied on here (a trainer actor never hosts an engine)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+    threads = {"n": 4}
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.update(n=n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
 
 
 @pytest.mark.parametrize("torch_threads,async_steps,busy,idle", [(0, 1, 1, 2), (0, 0, 2, 2), (1, 1, 1, 1), (2, 0, 2, 2)])
