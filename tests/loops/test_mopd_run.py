@@ -98,3 +98,25 @@ def test_two_vllm_teachers_distil_and_reverse_kl_falls_then_resume_continues_exa
         assert (resumed[name] == reference[name]).all(), f"{name} differs (killed after step {killed_at})"
     for a, b in zip(steps, _steps(killed_dir)):
         assert a["mopd/reverse_kl"] == b["mopd/reverse_kl"]
+
+
+def test_rest_bucket_run_distils_and_logs_its_term(tmp_path, tiny_family):
+    """`algorithm.rest_bucket: true` through the whole loop (driver arrays → trainer objective): the reverse KL
+    still falls, a(R) is logged, and the trainer and the engine agree on the sampled tokens."""
+    recipe = _write_recipe(tmp_path, tiny_family)
+    with open(recipe) as f:
+        tree = json.load(f)
+    tree["algorithm"]["rest_bucket"] = True
+    tree["checkpoint"] = {"every": 10, "keep_last": 1}
+    with open(recipe, "w") as f:
+        json.dump(tree, f)
+    run_dir = str(tmp_path / "run")
+    out = _run(recipe, run_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    steps = _steps(run_dir)
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    for r in steps:
+        assert r["mopd/rest_adv_mean"] == r["mopd/rest_adv_mean"] and r["mopd/rest_adv_mean"] != 0.0, r
+        assert r["mopd/train_inference_abs_diff"] < 1e-3, r
+    kl = [r["mopd/reverse_kl"] for r in steps]
+    assert (kl[-1] + kl[-2]) / 2 < 0.7 * max(kl[:3]), kl
