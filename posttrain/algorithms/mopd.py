@@ -128,14 +128,18 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 REST_FLOOR = 1e-6   # the least mass either side may keep outside Ω (float32 cannot resolve 1 − Σ_Ω much below)
 
 
+def log_mass_on_omega(cand_logprobs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v∈Ω} π(v).   [N,T,k] → [N,T]; −inf where Ω is empty."""
+    on_omega = torch.where(cand_mask.bool(), cand_logprobs, torch.full_like(cand_logprobs, -math.inf))
+    return torch.logsumexp(on_omega, dim=-1)
+
+
 def log_mass_outside(cand_logprobs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
     """log π(R), R = V ∖ Ω: log(1 − Σ_{v∈Ω} π(v)), floored at log REST_FLOOR.   [N,T,k] → [N,T]
 
     Differentiable in cand_logprobs (full-vocabulary log-probs at the candidates); an empty Ω gives log 1 = 0."""
-    on_omega = torch.where(cand_mask.bool(), cand_logprobs, torch.full_like(cand_logprobs, -math.inf))
-    log_mass_on_omega = torch.logsumexp(on_omega, dim=-1)                                  # [N,T]; −inf if Ω = ∅
     # Clamp the input, not the output: at Σ_Ω π = 1 the derivative of log(1 − eˣ) is infinite, and inf·0 = NaN.
-    return log1mexp(log_mass_on_omega.clamp(max=math.log1p(-REST_FLOOR)))
+    return log1mexp(log_mass_on_omega(cand_logprobs, cand_mask).clamp(max=math.log1p(-REST_FLOOR)))
 
 
 @torch.no_grad()
@@ -150,10 +154,9 @@ def rest_bucket_advantage(cand_mask: torch.Tensor, cand_old_logprobs: torch.Tens
     """
     rest_old = log_mass_outside(cand_old_logprobs, cand_mask)                               # [N,T]
     rest_teacher = log_mass_outside(cand_teacher_logprobs, cand_mask)                       # [N,T]
-    on_omega = torch.where(cand_mask, cand_old_logprobs, torch.full_like(cand_old_logprobs, -math.inf))
-    log_mass_on_omega = torch.logsumexp(on_omega, dim=-1)                                  # [N,T]
     nonempty = cand_mask.any(-1)
-    share = torch.exp(rest_old - torch.where(nonempty, log_mass_on_omega, torch.zeros_like(rest_old)))
+    old_on_omega = torch.where(nonempty, log_mass_on_omega(cand_old_logprobs, cand_mask), torch.zeros_like(rest_old))
+    share = torch.exp(rest_old - old_on_omega)
     rest_adv = torch.where(nonempty, share * (rest_teacher - rest_old), torch.zeros_like(rest_old))
     return rest_old, rest_adv
 

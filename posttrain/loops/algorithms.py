@@ -230,8 +230,8 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
     """Padded [N,T(,k)] arrays of one batch: candidates, π_old, teacher top-k → advantages, weights, gate.
 
     The advantages are computed here, once per step, at θ_old (they are detached by definition)."""
-    from posttrain.algorithms.mopd import (normalise_token_weights, overlap_advantages, rest_bucket_advantage,
-                                           train_inference_gate)
+    from posttrain.algorithms.mopd import (candidate_advantages, normalise_token_weights, rest_bucket_advantage,
+                                           teacher_logprobs_at_candidates, train_inference_gate)
 
     T = max(len(r) for r in responses)
     N = len(responses)
@@ -242,7 +242,9 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
     # Padding rows: teacher ids −1 never match a student id, so padded positions have an empty Ω.
     teacher_ids[torch.from_numpy(padded([np.ones(len(r), bool) for r in responses], T)) == 0] = -1
     teacher_lp = torch.from_numpy(padded(seq(teacher, 1), T))
-    cand_mask, cand_adv = overlap_advantages(cand_ids, cand_old, teacher_ids, teacher_lp)  # Ω and a_t(v)
+    # Ω and log π_T at the candidates (the advantages, the teacher-mass-on-Ω metric, the rest bucket), then a_t(v)
+    cand_mask, cand_teacher = teacher_logprobs_at_candidates(cand_ids, teacher_ids, teacher_lp)
+    cand_adv = candidate_advantages(cand_mask, cand_old, cand_teacher)
     mask = torch.from_numpy(padded([np.ones(len(r), np.float32) for r in responses], T))
     sampled_old = torch.from_numpy(padded(seq(student, 2), T))                           # log π_old(y_t)
     sampled_teacher = torch.from_numpy(padded(seq(teacher, 2), T))                       # log π_T(y_t)
@@ -253,10 +255,6 @@ def mopd_batch(student: TeacherScores, teacher: TeacherScores, responses: list[l
            "cand_mask": cand_mask.numpy(), "token_weights": token_weights.numpy(),
            "sampled_old_logprobs": sampled_old.numpy(), "sampled_teacher_logprobs": sampled_teacher.numpy(),
            "loop_start": np.asarray(loop_start, np.int64), "mask": mask.numpy()}
-    # log π_T at the candidates: the teacher-mass-on-Ω metric and the rest bucket.
-    same = cand_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)
-    cand_teacher = torch.where(cand_mask, teacher_lp.gather(-1, same.to(torch.uint8).argmax(-1)),
-                               torch.zeros_like(cand_old))
     out["cand_teacher_logprobs"] = cand_teacher.numpy()
     if m.rest_bucket:
         rest_old, rest_adv = rest_bucket_advantage(cand_mask, cand_old, cand_teacher)         # [N,T] each

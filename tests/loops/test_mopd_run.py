@@ -52,13 +52,19 @@ def _steps(run_dir):
         return [r for r in map(json.loads, f) if r["step"] >= 1]
 
 
-def test_two_vllm_teachers_distil_and_reverse_kl_falls_then_resume_continues_exactly(tmp_path, tiny_family):
-    recipe = _write_recipe(tmp_path, tiny_family)
-    run_dir = str(tmp_path / "run")
+def _run_ten_steps(recipe, run_dir):
+    """Run the recipe to its end (10 steps) and return its step records."""
     out = _run(recipe, run_dir)
     assert out.returncode == 0, out.stderr[-4000:]
     steps = _steps(run_dir)
     assert [r["step"] for r in steps] == list(range(1, 11))
+    return steps
+
+
+def test_two_vllm_teachers_distil_and_reverse_kl_falls_then_resume_continues_exactly(tmp_path, tiny_family):
+    recipe = _write_recipe(tmp_path, tiny_family)
+    run_dir = str(tmp_path / "run")
+    steps = _run_ten_steps(recipe, run_dir)
     for r in steps:
         for key in ("mopd/reverse_kl", "mopd/overlap_ratio", "mopd/empty_overlap_frac", "mopd/student_mass_on_overlap",
                     "mopd/teacher_mass_on_overlap", "mopd/gate_drop_frac", "mopd/loop_seq_frac",
@@ -110,11 +116,7 @@ def test_rest_bucket_run_distils_and_logs_its_term(tmp_path, tiny_family):
     tree["checkpoint"] = {"every": 10, "keep_last": 1}
     with open(recipe, "w") as f:
         json.dump(tree, f)
-    run_dir = str(tmp_path / "run")
-    out = _run(recipe, run_dir)
-    assert out.returncode == 0, out.stderr[-4000:]
-    steps = _steps(run_dir)
-    assert [r["step"] for r in steps] == list(range(1, 11))
+    steps = _run_ten_steps(recipe, str(tmp_path / "run"))
     for r in steps:
         assert r["mopd/rest_adv_mean"] == r["mopd/rest_adv_mean"] and r["mopd/rest_adv_mean"] != 0.0, r
         assert r["mopd/train_inference_abs_diff"] < 1e-3, r
