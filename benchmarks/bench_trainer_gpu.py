@@ -79,9 +79,11 @@ def main() -> None:
     ap.add_argument("--ac-every", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--keep-gathered", action="store_true", help="reshard_after_forward=False")
+    ap.add_argument("--optim-offload", action="store_true", help="AdamW moments in pinned host memory, streamed")
     ap.add_argument("--pad-to", type=int, default=1, help="round each packed row up to a multiple (compile)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=4096, help="LM-head rows per chunk")
+    ap.add_argument("--profile", default=None, help="after the timed steps, profile one more step: kernel table here")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -104,7 +106,7 @@ def main() -> None:
     shard_model(model, compute_dtype=torch.bfloat16, activation_checkpointing=args.ac,
                 checkpoint_every=args.ac_every, compile_layers=args.compile,
                 reshard_after_forward=not args.keep_gathered)
-    optimizer = build_optimizer(model, lr=1e-6)
+    optimizer = build_optimizer(model, lr=1e-6, offload_moments=args.optim_offload)
     model.train()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -146,13 +148,15 @@ def main() -> None:
         if rank == 0:
             print(f"step {step}: {elapsed:.2f} s, {len(micro_batches)} micro-batches, grad_norm {grad_norm:.3f}",
                   flush=True)
+    if args.profile and rank == 0:
+        profile_one_step(args.profile, lambda: one_step(model, optimizer, args, gen, config, rank, world))
     step_s = sum(times) / len(times)
     tokens = sum(step_tokens) / len(step_tokens)
     result = {
         "size": args.size, "params": n_params, "gpus": world, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "token_budget": args.token_budget, "pad_to": args.pad_to,
         "activation_checkpointing": args.ac, "ac_every": args.ac_every,
-        "compile": args.compile, "keep_gathered": args.keep_gathered,
+        "compile": args.compile, "keep_gathered": args.keep_gathered, "optim_offload": args.optim_offload,
         "step_s": round(step_s, 3), "clip_and_adamw_s": round(sum(optim_times) / len(optim_times), 3), "tokens_per_s": round(tokens / step_s),
         "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -165,6 +169,55 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
     dist.destroy_process_group()
+
+
+def one_step(model, optimizer, args, gen, config, rank, world) -> None:
+    """One more training step like the timed ones (for the profiler)."""
+    from posttrain.algorithms.gspo import gspo_loss
+    from posttrain.trainer.fsdp import clip_grad_norm
+    from posttrain.trainer.packing import pack_batch, packed_response_logprobs, pad_per_sequence
+
+    prompts, responses = ragged_step(args.seq_len, args.tokens, VOCAB, gen)
+    micro_batches = pack_batch(prompts, responses, args.token_budget, pad_to_multiple=args.pad_to)
+    advantages = torch.randn(len(prompts), generator=gen)
+    for mb in micro_batches:
+        logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, args.chunk), mb.response_lengths)
+        loss, _ = gspo_loss(logprobs, logprobs.detach(), advantages[mb.sequence_indices].cuda(), mask)
+        (loss * (len(mb.sequence_indices) / len(prompts))).backward()
+    clip_grad_norm(model, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")), ("attention", ("flash", "fmha")),
+                ("compiled element-wise (triton)", ("triton_",)), ("copy / cast", ("copy", "cast", "Memcpy", "memcpy")),
+                ("collective", ("nccl",)), ("reduction / softmax", ("reduce", "softmax", "logsumexp")))
+
+
+def profile_one_step(path: str, step) -> None:
+    """Kernel time of one step by kind (matmul, attention, compiled element-wise, ...) and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = next((k for k, keys in KERNEL_KINDS if any(key.lower() in event.name.lower() for key in keys)),
+                    "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.time_range.elapsed_us() / 1e6
+    busy = sum(by_kind.values())
+    lines = [f"profiled step wall {wall:.3f} s, GPU kernel time {busy:.3f} s ({busy / wall:.0%} busy)"]
+    lines += [f"  {kind:34s} {t:7.3f} s  {t / wall:6.1%} of the step" for kind, t in
+              sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines.append(prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,10 @@ class TrainerConfig(_Strict):
     token_budget: int = Field(16384, ge=1, description="With fsdp: tokens per packed micro-batch (dynamic batch size).")
     activation_checkpointing: bool = Field(False, description="With fsdp: recompute decoder layers in backward.")
     cpu_offload: bool = Field(False, description="With fsdp: sharded parameters, gradients and optimizer state in "
-                              "CPU memory.")
+                              "CPU memory (AdamW then runs on the CPU).")
+    optimizer_offload: bool = Field(False, description="With fsdp: only AdamW's two moments in pinned host memory, "
+                                    "streamed through the GPU for the update (GPU state 8 instead of 16 bytes per "
+                                    "parameter: how an 8B model trains on one 80 GB GPU).")
     train_vision: bool = Field(True, description="Vision-language models: train the vision tower too (False: "
                                "frozen, no gradients or optimizer state for it).")
 
@@ -339,6 +342,13 @@ class Recipe(_Strict):
             raise ValueError(f"model.dtype = {self.model.dtype} needs trainer.fsdp: true: the trainer then keeps "
                              "fp32 master weights and AdamW state and computes in the lower precision (plain "
                              f"{self.model.dtype} weights lose most of an lr-1e-6 update to rounding)")
+        for option in ("activation_checkpointing", "cpu_offload", "optimizer_offload"):
+            if getattr(self.trainer, option) and not self.trainer.fsdp:
+                raise ValueError(f"trainer.{option} needs trainer.fsdp: true (it is an option of the sharded "
+                                 "trainer); set trainer.fsdp: true or drop it")
+        if self.trainer.cpu_offload and self.trainer.optimizer_offload:
+            raise ValueError("trainer.cpu_offload already keeps the whole optimizer on the CPU; set only one of "
+                             "trainer.cpu_offload and trainer.optimizer_offload")
         if self.trainer.fsdp and self.algorithm.type == "mopd":
             raise ValueError("trainer.fsdp is not available for algorithm.type mopd yet (its top-k passes read "
                              "unsharded hidden states); use trainer.fsdp: false")

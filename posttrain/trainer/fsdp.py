@@ -22,7 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from posttrain.trainer.packing import PACKED_FORWARD_METHOD, _packed_forward, use_varlen_attention
+from posttrain.trainer.packing import (HEAD_LOGPROBS_METHOD, PACKED_FORWARD_METHOD, _head_token_logprobs,
+                                       _packed_forward, use_varlen_attention)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -69,6 +70,16 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
         policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is not embedding.weight:
+        # An untied embedding and LM head become units of their own: each is gathered only around its use and
+        # its gradient reduced (in fp32) as soon as it is complete. Left in the root unit, their bf16 copies and
+        # gradients live through the whole backward and are reduced together at its end — at 8B 2 × 622 M
+        # parameters, the ~7 GiB that kept one H200's peak above 75 GiB.
+        fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+        fully_shard(head, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
+        setattr(head, HEAD_LOGPROBS_METHOD, MethodType(_head_token_logprobs, head))
+        register_fsdp_forward_method(head, HEAD_LOGPROBS_METHOD)   # FSDP gathers W around the chunked LM head
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     if compile_layers:
         for layer in decoder_layers(model):
@@ -84,9 +95,15 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 0.0) -> torch.optim.AdamW:
+                    weight_decay: float = 0.0, offload_moments: bool = False) -> torch.optim.Optimizer:
     """AdamW over the sharded (DTensor) parameters; its state is sharded like them and kept in their dtype (fp32).
-    Fused kernels on GPU (one launch for all parameters), foreach elsewhere."""
+    Fused kernels on GPU (one launch for all parameters), foreach elsewhere. offload_moments: the two moments in
+    pinned host memory, streamed through the GPU for the update (offload_adamw.py; 8 instead of 16 B/param on
+    the GPU)."""
+    if offload_moments:
+        from posttrain.trainer.offload_adamw import OffloadedAdamW
+
+        return OffloadedAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     on_gpu = next(model.parameters()).is_cuda
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              fused=on_gpu or None, foreach=None if on_gpu else True)

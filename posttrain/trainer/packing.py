@@ -31,6 +31,7 @@ VARLEN_ATTENTION = "posttrain_varlen"
 # The name under which an FSDP-sharded model carries `packed_response_logprobs` as an FSDP forward method (fsdp.py
 # registers it, so that the root's parameters - embeddings, final norm, LM head - are gathered around the call).
 PACKED_FORWARD_METHOD = "posttrain_packed_response_logprobs"
+HEAD_LOGPROBS_METHOD = "posttrain_head_token_logprobs"     # on an LM head that is an FSDP unit of its own
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
@@ -186,9 +187,17 @@ def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_id
         cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_seq_len, max_length_k=max_seq_len,
     ).last_hidden_state
     hidden_RH = hidden_1TH[0].index_select(0, response_positions)
+    head = model.get_output_embeddings()
+    if hasattr(head, HEAD_LOGPROBS_METHOD):      # an LM head sharded as its own FSDP unit (fsdp.shard_model)
+        return getattr(head, HEAD_LOGPROBS_METHOD)(hidden_RH, response_targets, chunk_size)
+    return _head_token_logprobs(head, hidden_RH, response_targets, chunk_size)
+
+
+def _head_token_logprobs(head: torch.nn.Module, hidden_RH: torch.Tensor, targets_R: torch.Tensor,
+                         chunk_size: int) -> torch.Tensor:
+    """log softmax(h @ Wᵀ)[targets] through the chunked LM-head kernel.   hidden [R,H], targets [R] → [R] fp32"""
     # A fresh tensor, not a view: FSDP hooks the output for backward, and a view invites in-place edits.
-    return chunked_token_logprobs(hidden_RH, model.get_output_embeddings().weight, response_targets,
-                                  chunk_size).clone()
+    return chunked_token_logprobs(hidden_RH, head.weight, targets_R, chunk_size).clone()
 
 
 def packed_response_logprobs(model: torch.nn.Module, micro_batch: PackedMicroBatch,

@@ -55,6 +55,7 @@ class TrainerSettings:
     token_budget: int = 16384
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    optimizer_offload: bool = False
     train_vision: bool = True
 
 
@@ -67,7 +68,8 @@ def trainer_settings(recipe, objective) -> TrainerSettings:
         reserved_cpus=(recipe.rollout.num_workers * recipe.rollout.cpus_per_worker if recipe.rollout.async_steps
                        else 0.0),
         logprob_chunk_size=t.logprob_chunk_size, objective=objective, fsdp=t.fsdp, token_budget=t.token_budget,
-        activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload, train_vision=t.train_vision,
+        activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload,
+        optimizer_offload=t.optimizer_offload, train_vision=t.train_vision,
         optimizer=OptimizerSettings(
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
             max_grad_norm=opt.max_grad_norm, schedule=opt.schedule, warmup_steps=opt.warmup_steps,
@@ -178,7 +180,7 @@ class TrainerRank:
             shard_model(self.model, compute_dtype=None if s.dtype == "float32" else _DTYPES[s.dtype],
                         activation_checkpointing=s.activation_checkpointing, cpu_offload=s.cpu_offload)
             self.optimizer = build_optimizer(self.model, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                             weight_decay=opt.weight_decay)
+                                             weight_decay=opt.weight_decay, offload_moments=s.optimizer_offload)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(self.device)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,

@@ -217,3 +217,37 @@ def test_sequence_token_logprobs_refuses_an_lm_head_with_bias():
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(37))
     with pytest.raises(ValueError, match="bias"):
         sequence_token_logprobs(model, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+
+
+def test_chunk_dlogits_is_the_gradient_and_exact_at_confident_targets():
+    """The LM head's element-wise backward: the autograd gradient of Σ g·logp (repeated ids included), and at a
+    confident token (p → 1, entry g·(1 − p) → 0) in bf16 the exact value rounded once, not a cancelled sum."""
+    from posttrain.algorithms.topk import chunk_dlogits, chunk_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 40, generator=gen, dtype=torch.float64) * 3
+    logits[:, 7] += 15.0                          # token 7: 1 − p ≈ 1e-4..1e-3, below bf16's spacing 2^-8 at 1
+    ids = torch.tensor([[7, 2, 2], [7, 0, 5], [7, 7, 1], [7, 3, 9], [7, 4, 4], [7, 39, 8]])
+    grad = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    leaf = logits.clone().requires_grad_()
+    logp, lse = chunk_logprobs(leaf, ids)
+    (logp * grad).sum().backward()
+    exact = chunk_dlogits(logits, lse.detach(), grad, ids, torch.float64)
+    torch.testing.assert_close(exact, leaf.grad, rtol=1e-12, atol=1e-12)
+
+    # One id per row (GSPO's case): at token 7 the entry is g·(1 − p), far smaller than g.
+    one_id, one_grad = ids[:, :1], grad[:, :1]
+    leaf.grad = None
+    logp, lse = chunk_logprobs(leaf, one_id)
+    (logp * one_grad).sum().backward()
+    args = (logits.float(), lse.detach().float(), one_grad.float(), one_id)
+    rounded, in_fp32 = chunk_dlogits(*args, torch.bfloat16), chunk_dlogits(*args, torch.float32)
+    # Every entry is the fp32 result rounded once to bf16 ...
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, in_fp32.to(torch.bfloat16))
+    torch.testing.assert_close(in_fp32.double(), leaf.grad, rtol=0, atol=1e-5)       # fp32 lse: ~1e-6 abs
+    # ... including the confident target, g·(1 − p) ≪ g, which a bf16 sum −p·g + g would cancel to 0.
+    target = leaf.grad.gather(-1, one_id)
+    confident = (target.abs() < 2 ** -8 * one_grad.abs()).squeeze(-1)
+    assert confident.sum() >= 4 and (rounded.gather(-1, one_id)[confident] != 0).all()
+    naive = (-(logits.float() - lse.float().unsqueeze(-1)).exp() * one_grad.float()).bfloat16()
+    assert (naive.scatter_add(-1, one_id, one_grad.bfloat16()).gather(-1, one_id) == 0).any()

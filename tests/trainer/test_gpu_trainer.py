@@ -123,3 +123,36 @@ def test_packed_bf16_attention_matches_each_sequence_alone(process_group):
           f"{max(errors):.2e} (max), crossing sequences {crossed_error:.2e}")
     assert max(errors) < 0.02
     assert crossed_error > 10 * max(errors)
+
+
+def test_offloaded_moments_stream_through_the_gpu_to_torch_adamws_update(process_group):
+    """trainer.optimizer_offload on a GPU: a sharded model's moments sit in pinned host memory; streamed in and
+    out on two streams in small buckets (many, so the double buffering and the slot reuse are exercised), the
+    update equals torch's single-tensor AdamW on the GPU bit for bit, step after step (same gradients)."""
+    from posttrain.trainer.fsdp import shard_model
+    from posttrain.trainer.offload_adamw import OffloadedAdamW
+
+    model = shard_model(_qwen3_layers(1), compute_dtype=torch.bfloat16)
+    moments = [t.to_local() for st in OffloadedAdamW(model.parameters()).state.values()
+               for t in (st["exp_avg"], st["exp_avg_sq"])]
+    assert moments and all(not t.is_cuda and t.is_pinned() for t in moments)
+    del model
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(3000, 1000), (17,), (1 << 20,), (999, 333)]
+    start = [torch.randn(shape, device="cuda", generator=gen) for shape in shapes]
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    off = [torch.nn.Parameter(t.clone()) for t in start]
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    ref_opt = torch.optim.AdamW(ref, foreach=False, **kwargs)
+    off_opt = OffloadedAdamW(off, bucket_numel=1 << 18, **kwargs)      # 3 M + 1 M elements → ~17 buckets
+    for _ in range(4):
+        for a, b in zip(ref, off):
+            a.grad = torch.randn(a.shape, device="cuda", generator=gen)
+            b.grad = a.grad.clone()
+        ref_opt.step()
+        off_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ref, off))
+    assert all(not torch.equal(a, t) for a, t in zip(ref, start))
+    for a, b in zip(ref_opt.state.values(), off_opt.state.values()):
+        assert torch.equal(a["exp_avg"].cpu(), b["exp_avg"]) and torch.equal(a["exp_avg_sq"].cpu(), b["exp_avg_sq"])
