@@ -349,9 +349,6 @@ class Recipe(_Strict):
         if self.trainer.cpu_offload and self.trainer.optimizer_offload:
             raise ValueError("trainer.cpu_offload already keeps the whole optimizer on the CPU; set only one of "
                              "trainer.cpu_offload and trainer.optimizer_offload")
-        if self.trainer.fsdp and self.algorithm.type == "mopd":
-            raise ValueError("trainer.fsdp is not available for algorithm.type mopd yet (its top-k passes read "
-                             "unsharded hidden states); use trainer.fsdp: false")
         if not self.rewards.functions and self.environment is None:
             raise ValueError("rewards.functions is empty and no environment gives a reward; add a reward function "
                              "(e.g. `- {name: math}`) or an `environment:` block")

@@ -161,6 +161,21 @@ class RolloutGroup:
         return ray.get([w.prompt_token_logprobs.remote(token_ids) for w in self.workers])
 
 
+def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One mini-batch's metrics from every rank's: the objective's (per-rank means over that rank's sequences)
+    averaged with the ranks' sequence counts as weights; the optimizer's (the global gradient norm, the learning
+    rate, the skip flag), the same on every rank, taken from rank 0."""
+    from posttrain.trainer.worker import OPTIMIZER_METRICS, SEQUENCES_KEY
+
+    counts = [r.get(SEQUENCES_KEY, 0) for r in per_rank]
+    total = sum(counts)
+    merged = {k: v for k, v in per_rank[0].items() if k != SEQUENCES_KEY}
+    objective_keys = {k for r in per_rank for k in r} - set(OPTIMIZER_METRICS) - {SEQUENCES_KEY}
+    for key in objective_keys:
+        merged[key] = sum(r.get(key, 0.0) * n for r, n in zip(per_rank, counts)) / max(total, 1)
+    return merged
+
+
 class SharedMedia:
     """A step's media in Ray's object store (TrainerGroup.share_media): the distinct MultimodalPrompts, put once,
     and each sample's index into them (-1: a text sample). The ObjectRef is boxed in a list so that a Ray call
@@ -276,7 +291,7 @@ class TrainerGroup:
                                          {k: v[idx[0]:idx[-1] + 1] for k, v in arrays.items()}, len(prompts),
                                          take_media(mm_prompts, idx))
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
-        return ray.get(refs)[0]
+        return merge_rank_metrics(ray.get(refs))
 
     def weights(self) -> list:
         """The full weights (HF names → CPU tensors) for the engines, from rank 0; with trainer.fsdp every rank

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from posttrain.trainer.packing import (HEAD_LOGPROBS_METHOD, PACKED_FORWARD_METHOD, _head_token_logprobs,
+from posttrain.trainer.packing import (HEAD_LOGPROBS_METHOD, PACKED_FORWARD_METHOD, _lm_head_outputs,
                                        _packed_forward, use_varlen_attention)
 
 
@@ -78,7 +78,7 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
         # parameters, the ~7 GiB that kept one H200's peak above 75 GiB.
         fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
         fully_shard(head, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
-        setattr(head, HEAD_LOGPROBS_METHOD, MethodType(_head_token_logprobs, head))
+        setattr(head, HEAD_LOGPROBS_METHOD, MethodType(_lm_head_outputs, head))
         register_fsdp_forward_method(head, HEAD_LOGPROBS_METHOD)   # FSDP gathers W around the chunked LM head
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     if compile_layers:

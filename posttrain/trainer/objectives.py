@@ -94,3 +94,29 @@ class MOPDObjective:
         # The optimised loss and its clip fraction; the other diagnostics come from the driver at θ_old.
         metrics = mopd_metrics(batch, self.settings, token_losses=terms, cand_logprobs=cand_logprobs)
         return loss, {"loss/loss": float(loss.detach()), "loss/clip_frac": metrics.get("mopd/clip_frac", 0.0)}
+
+    def packed_loss(self, rank, micro_batch, arrays):
+        """The same loss on one packed row (FSDP mode): the candidates' and the sampled tokens' log-probs from one
+        LM-head pass inside FSDP's gathered forward, padded back to [S,T,k] / [S,T] in packed order; `arrays` are
+        already in that order. Each sequence still counts once."""
+        from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics, mopd_objective
+        from posttrain.trainer.packing import packed_candidate_logprobs, pad_per_sequence
+
+        lengths = micro_batch.response_lengths
+        k = arrays["cand_ids"].shape[-1]
+        cand_ids_RK = torch.as_tensor(np.concatenate([arrays["cand_ids"][s, :n] for s, n in enumerate(lengths)])
+                                      if lengths else np.zeros((0, k), dtype=np.int64), dtype=torch.long)
+        logprobs_RK1 = packed_candidate_logprobs(rank.model, micro_batch, cand_ids_RK,
+                                                 rank.settings.logprob_chunk_size)                    # [R,k+1]
+        if not lengths:   # a dummy row that keeps FSDP's collectives in step: zero loss, zero gradients
+            return logprobs_RK1.sum() * 0.0, {}
+        cand_logprobs, mask = pad_per_sequence(logprobs_RK1[:, :k], lengths)                           # [S,T,k]
+        sampled = pad_per_sequence(logprobs_RK1[:, k], lengths)[0] if self.settings.needs_sampled_logprobs else None
+        T = mask.shape[1]
+        arrays = {name: (v[:, :T] if v.ndim >= 2 else v) for name, v in arrays.items()}
+        if "loss_mask" in arrays:   # multi-turn: the student is distilled on its own tokens only
+            mask = mask * torch.as_tensor(arrays.pop("loss_mask"), dtype=mask.dtype, device=mask.device)
+        batch = MOPDBatch.from_arrays({**arrays, "mask": mask}, device=rank.device)
+        loss, terms = mopd_objective(batch, self.settings, cand_logprobs=cand_logprobs, sampled_logprobs=sampled)
+        metrics = mopd_metrics(batch, self.settings, token_losses=terms, cand_logprobs=cand_logprobs)
+        return loss, {"loss/loss": float(loss.detach()), "loss/clip_frac": metrics.get("mopd/clip_frac", 0.0)}

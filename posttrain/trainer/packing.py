@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from posttrain.algorithms.topk import DEFAULT_CHUNK_SIZE, chunked_token_logprobs
+from posttrain.algorithms.topk import (DEFAULT_CHUNK_SIZE, chunked_logprobs_at, chunked_token_logprobs,
+                                      chunked_topk_and_token_logprobs)
 
 VARLEN_ATTENTION = "posttrain_varlen"
 # The name under which an FSDP-sharded model carries `packed_response_logprobs` as an FSDP forward method (fsdp.py
 # registers it, so that the root's parameters - embeddings, final norm, LM head - are gathered around the call).
 PACKED_FORWARD_METHOD = "posttrain_packed_response_logprobs"
-HEAD_LOGPROBS_METHOD = "posttrain_head_token_logprobs"     # on an LM head that is an FSDP unit of its own
+HEAD_LOGPROBS_METHOD = "posttrain_lm_head_outputs"     # on an LM head that is an FSDP unit of its own
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
@@ -157,7 +159,8 @@ def pack_batch(prompts: list[list[int]], responses: list[list[int]], token_budge
 
 # -- per-sequence tensors -----------------------------------------------------------------------------------------
 def pad_per_sequence(flat_R: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split packed values [R] by sequence into right-padded [S,Tmax] plus a float mask [S,Tmax] (1 on real tokens).
+    """Split packed values [R,...] by sequence into right-padded [S,Tmax,...] plus a float mask [S,Tmax] (1 on real
+    tokens).
 
     The GSPO loss wants [N,T] log-probs and a mask: `gspo_loss(*pad_per_sequence(lp, lengths)…)` keeps every
     sequence counting once. Differentiable (a scatter into zeros)."""
@@ -168,7 +171,7 @@ def pad_per_sequence(flat_R: torch.Tensor, lengths: list[int]) -> tuple[torch.Te
                                   torch.tensor(lengths, device=flat_R.device))
     starts = torch.tensor([0] + lengths[:-1], device=flat_R.device).cumsum(0) if lengths else row
     col = torch.arange(flat_R.shape[0], device=flat_R.device) - starts[row]
-    padded = flat_R.new_zeros(len(lengths), width).index_put((row, col), flat_R)
+    padded = flat_R.new_zeros(len(lengths), width, *flat_R.shape[1:]).index_put((row, col), flat_R)
     mask = torch.zeros(len(lengths), width, device=flat_R.device)
     mask[row, col] = 1.0
     return padded, mask
@@ -177,8 +180,9 @@ def pad_per_sequence(flat_R: torch.Tensor, lengths: list[int]) -> tuple[torch.Te
 # -- model side ---------------------------------------------------------------------------------------------------
 def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                     cu_seq_lens: torch.Tensor, max_seq_len: int, response_positions: torch.Tensor,
-                    response_targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """log πθ(response tokens) [R] of one packed row (body → rows before response tokens → chunked LM head)."""
+                    response_targets: torch.Tensor, chunk_size: int, candidate_ids: torch.Tensor | None = None,
+                    top_k: int = 0):
+    """One packed row: body → the rows before response tokens → the chunked LM head (`_lm_head_outputs`)."""
     if model.config._attn_implementation != VARLEN_ATTENTION:
         raise ValueError(f"the model uses attention '{model.config._attn_implementation}', which lets packed "
                          f"sequences attend to each other; call posttrain.trainer.packing.use_varlen_attention(model)")
@@ -189,15 +193,34 @@ def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_id
     hidden_RH = hidden_1TH[0].index_select(0, response_positions)
     head = model.get_output_embeddings()
     if hasattr(head, HEAD_LOGPROBS_METHOD):      # an LM head sharded as its own FSDP unit (fsdp.shard_model)
-        return getattr(head, HEAD_LOGPROBS_METHOD)(hidden_RH, response_targets, chunk_size)
-    return _head_token_logprobs(head, hidden_RH, response_targets, chunk_size)
+        return getattr(head, HEAD_LOGPROBS_METHOD)(hidden_RH, response_targets, chunk_size, candidate_ids, top_k)
+    return _lm_head_outputs(head, hidden_RH, response_targets, chunk_size, candidate_ids, top_k)
 
 
-def _head_token_logprobs(head: torch.nn.Module, hidden_RH: torch.Tensor, targets_R: torch.Tensor,
-                         chunk_size: int) -> torch.Tensor:
-    """log softmax(h @ Wᵀ)[targets] through the chunked LM-head kernel.   hidden [R,H], targets [R] → [R] fp32"""
-    # A fresh tensor, not a view: FSDP hooks the output for backward, and a view invites in-place edits.
+def _lm_head_outputs(head: torch.nn.Module, hidden_RH: torch.Tensor, targets_R: torch.Tensor, chunk_size: int,
+                     candidate_ids_RK: torch.Tensor | None = None, top_k: int = 0):
+    """What the chunked LM head computes on the R response rows (log softmax(h @ Wᵀ), never [R,V] at once):
+
+        default          log π(y_t)                                       → [R] fp32, differentiable
+        candidate_ids    log π(c_tk) for the K candidates, then log π(y_t) → [R,K+1], differentiable (MOPD loss)
+        top_k            (top-k ids [R,k], their log-probs [R,k], log π(y_t) [R]), no gradient (MOPD's S_θ)
+    """
+    # Fresh tensors, not views: FSDP hooks the outputs for backward, and a view invites in-place edits.
+    if top_k:
+        with torch.no_grad():
+            return chunked_topk_and_token_logprobs(hidden_RH, head.weight, top_k, targets_R, chunk_size)
+    if candidate_ids_RK is not None:
+        ids_RK1 = torch.cat([candidate_ids_RK, targets_R.unsqueeze(-1)], dim=-1)     # one LM-head pass for both
+        return chunked_logprobs_at(hidden_RH, head.weight, ids_RK1, chunk_size).clone()
     return chunked_token_logprobs(hidden_RH, head.weight, targets_R, chunk_size).clone()
+
+
+def _forward_packed(model: torch.nn.Module, micro_batch: PackedMicroBatch, chunk_size: int, **head_request):
+    mb = micro_batch.to(next(model.parameters()).device)
+    forward = getattr(model, PACKED_FORWARD_METHOD, None)   # FSDP-registered: gathers the weights around it
+    args = (mb.input_ids, mb.position_ids, mb.cu_seq_lens, mb.max_seq_len, mb.response_positions,
+            mb.response_targets, chunk_size)
+    return (forward or partial(_packed_forward, model))(*args, **head_request)
 
 
 def packed_response_logprobs(model: torch.nn.Module, micro_batch: PackedMicroBatch,
@@ -206,11 +229,24 @@ def packed_response_logprobs(model: torch.nn.Module, micro_batch: PackedMicroBat
 
     Split per sequence with `micro_batch.response_lengths` (`pad_per_sequence`). Works on a plain HF causal LM
     and on one sharded by `posttrain.trainer.fsdp.shard_model` (which routes the call through FSDP's hooks)."""
-    mb = micro_batch.to(next(model.parameters()).device)
-    forward = getattr(model, PACKED_FORWARD_METHOD, None)
-    args = (mb.input_ids, mb.position_ids, mb.cu_seq_lens, mb.max_seq_len, mb.response_positions,
-            mb.response_targets, chunk_size)
-    return forward(*args) if forward is not None else _packed_forward(model, *args)
+    return _forward_packed(model, micro_batch, chunk_size)
+
+
+def packed_candidate_logprobs(model: torch.nn.Module, micro_batch: PackedMicroBatch, candidate_ids_RK: torch.Tensor,
+                              chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log πθ at K candidate ids per response token, and of the sampled token last: fp32 [R,K+1], differentiable
+    (MOPD's loss). candidate_ids_RK: long [R,K] in packed order."""
+    if candidate_ids_RK.shape[0] != micro_batch.response_positions.shape[0]:
+        raise ValueError(f"{candidate_ids_RK.shape[0]} rows of candidate ids for "
+                         f"{micro_batch.response_positions.shape[0]} response tokens")
+    device = next(model.parameters()).device
+    return _forward_packed(model, micro_batch, chunk_size, candidate_ids=candidate_ids_RK.to(device))
+
+
+@torch.no_grad()
+def packed_topk(model: torch.nn.Module, micro_batch: PackedMicroBatch, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """(top-k ids long [R,k], their log-probs [R,k], log π(y_t) [R]) at every response token, in packed order."""
+    return _forward_packed(model, micro_batch, chunk_size, top_k=k)
 
 
 # -- attention ----------------------------------------------------------------------------------------------------

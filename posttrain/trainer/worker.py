@@ -38,6 +38,12 @@ class OptimizerSettings:
     total_steps: int        # optimizer steps over the whole run (sizes the LR schedule)
 
 
+# train_minibatch's count of the sequences behind its objective metrics (for the average over ranks).
+SEQUENCES_KEY = "_sequences"
+# optimizer_step's metrics: global (the same on every rank), not averaged over ranks.
+OPTIMIZER_METRICS = ("loss/grad_norm", "loss/lr", "loss/nonfinite_skipped")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerSettings:
     model_path: str
@@ -297,6 +303,17 @@ class TrainerRank:
         mm_prompts = self.resolve_media(mm_prompts)
         self.model.eval()
         mb, chunk = self.settings.micro_batch_size, self.settings.logprob_chunk_size
+        if self.settings.fsdp:   # packed rows; the LM head runs inside FSDP's gathered forward
+            from posttrain.trainer.packing import packed_topk
+
+            by_index = {}
+            for micro_batch in self.packed_micro_batches(prompts, responses):
+                ids, lps, tok = packed_topk(self.model, micro_batch, k, chunk)
+                lengths = micro_batch.response_lengths
+                for i, a, b, c in zip(micro_batch.sequence_indices, ids.split(lengths), lps.split(lengths),
+                                      tok.split(lengths)):
+                    by_index[i] = (a.cpu().numpy().astype(np.int32), b.float().cpu().numpy(), c.float().cpu().numpy())
+            return TeacherScores.from_sequences([by_index[i] for i in range(len(prompts))], k)
         parts = []
         for s in range(0, len(prompts), mb):
             P, R = prompts[s:s + mb], responses[s:s + mb]
@@ -320,7 +337,7 @@ class TrainerRank:
         self.model.train()
         mb = self.settings.micro_batch_size
         metrics_sum: dict[str, float] = {}
-        n_micro = 0
+        n_sequences = 0
         if self.settings.fsdp:   # packed token-budget micro-batches (the objective's packed_loss)
             parts = [(micro_batch.sequence_indices, micro_batch)
                      for micro_batch in self.packed_micro_batches(prompts, responses)]
@@ -334,11 +351,14 @@ class TrainerRank:
                 loss, metrics = self.objective.loss(self, [prompts[i] for i in idx], [responses[i] for i in idx],
                                                     part, [mm_prompts[i] for i in idx] if mm_prompts else None)
             (loss * (len(idx) / global_batch_size)).backward()
+            # The objective's metrics are means over the micro-batch's sequences: weight them by its size, so
+            # that the result is the mean over this rank's sequences (TrainerGroup then averages the ranks).
             for k, v in metrics.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + v
-            n_micro += bool(metrics)
-        out = {k: v / max(n_micro, 1) for k, v in metrics_sum.items()}
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + v * len(idx)
+            n_sequences += len(idx) if metrics else 0
+        out = {k: v / max(n_sequences, 1) for k, v in metrics_sum.items()}
         out.update(self.optimizer_step())
+        out[SEQUENCES_KEY] = n_sequences
         return out
 
     def optimizer_step(self) -> dict[str, float]:

@@ -280,3 +280,15 @@ def test_observation_tokens_carry_no_loss(trainer_rank):
     ones = {**base, "loss_mask": np.ones_like(loss_mask)}
     no_mask = {k: v for k, v in base.items() if k != "loss_mask"}
     assert loss(ones) == loss(no_mask)          # all-ones mask = the single-turn path, bitwise
+
+
+@pytest.mark.unit
+def test_rank_metrics_are_averaged_over_all_sequences_and_optimizer_metrics_taken_once():
+    from posttrain.orchestration import merge_rank_metrics
+
+    merged = merge_rank_metrics([{"loss/loss": 1.0, "loss/clip_frac": 0.5, "loss/grad_norm": 3.0, "loss/lr": 1e-3,
+                                  "loss/nonfinite_skipped": 0.0, "_sequences": 3},
+                                 {"loss/loss": -1.0, "loss/clip_frac": 0.0, "loss/grad_norm": 3.0, "loss/lr": 1e-3,
+                                  "loss/nonfinite_skipped": 0.0, "_sequences": 1}])
+    assert merged == {"loss/loss": 0.5, "loss/clip_frac": 0.375, "loss/grad_norm": 3.0, "loss/lr": 1e-3,
+                      "loss/nonfinite_skipped": 0.0}
