@@ -293,14 +293,21 @@ class TrainerGroup:
                 for r, idx in zip(self.ranks, self._shares(len(prompts))) if idx]
         return merge_rank_metrics(ray.get(refs))
 
-    def weights(self) -> list:
-        """The full weights (HF names → CPU tensors) for the engines, from rank 0; with trainer.fsdp every rank
-        takes part in gathering them from the shards."""
-        return self.call_collective("named_weights")
+    def weights_ref(self) -> tuple[ray.ObjectRef, list[ray.ObjectRef]]:
+        """The full weights as an ObjectRef the engines resolve themselves from Ray's object store, so that they
+        never pass through the driver (at 8B, 16 GB in and out of the driver's memory every step); plus the
+        other ranks' share of the collective, to be awaited (`ray.get`) once the engines have loaded."""
+        refs = self.call_collective_async("named_weights")
+        return refs[0], refs[1:]
 
     def call_collective(self, method: str, *args):
         """Rank 0's result of a method that, with sharded weights, every rank must run (it all-gathers)."""
-        return self.call_all(method, *args)[0] if self.fsdp else self.call_rank0(method, *args)
+        return ray.get(self.call_collective_async(method, *args))[0]
+
+    def call_collective_async(self, method: str, *args) -> list[ray.ObjectRef]:
+        """call_collective without waiting: [rank 0's ref, the other ranks' refs (FSDP only)]."""
+        ranks = self.ranks if self.fsdp else [self.rank0]
+        return [getattr(r, method).remote(*args) for r in ranks]
 
     def call_all(self, method: str, *args) -> list:
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])

@@ -165,8 +165,7 @@ def _attempt(algorithm, recipe: Recipe, run_dir: str, resume_from: str | None, p
                 f"(reward/ metrics) and the learning rate. The latest checkpoint is intact.")
         # 4. weight sync + canary -----------------------------------------------------------------------------
         with timer.span("sync"):
-            engine_load_s = rollout.update_weights(ray.put(trainer.weights()), step)
-            canary_diff = check_canary(recipe, trainer, rollout, canary_ids, step)
+            engine_load_s, canary_diff = sync_weights(recipe, trainer, rollout, canary_ids, step)
         # 5. metrics ------------------------------------------------------------------------------------------
         n_tokens = sum(len(x) for x in batch.responses)
         record = {"step": step, **reward_metrics(results, [data.train_rows[i]["data_source"] for i in batch.row_index]),
@@ -370,11 +369,24 @@ def dump_trajectories(run_dir: str, step: int, trajectories: list, tokenizer) ->
     ckpt.atomic_write_text(os.path.join(folder, f"step_{step:06d}.txt"), text + "\n")
 
 
+def sync_weights(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, canary_ids: list[int],
+                 step: int) -> tuple[float, float]:
+    """The trainer's weights into every engine (straight from the trainer through Ray's object store), then the
+    canary. The trainer computes its side of the canary while the engines load. Returns (engine load s, canary
+    max |Δ log p|)."""
+    weights_ref, other_ranks = trainer.weights_ref()
+    reference_refs = trainer.call_collective_async("canary_logprobs", canary_ids)   # queued after the weights
+    engine_load_s = rollout.update_weights(weights_ref, step)
+    ray.get(other_ranks)
+    return engine_load_s, check_canary(recipe, trainer, rollout, canary_ids, step, ray.get(reference_refs)[0])
+
+
 def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, canary_ids: list[int],
-                 step: int) -> float:
+                 step: int, reference: list[float] | None = None) -> float:
     """Stale-weights canary: engine and trainer log-probs of a fixed sequence must agree after every sync.
-    A NaN anywhere fails it (NaN compares false with everything, so the test is `not diff <= tolerance`)."""
-    reference = np.array(trainer.call_collective("canary_logprobs", canary_ids))
+    A NaN anywhere fails it (NaN compares false with everything, so the test is `not diff <= tolerance`).
+    reference: the trainer's log-probs, if already computed (else asked for here)."""
+    reference = np.array(trainer.call_collective("canary_logprobs", canary_ids) if reference is None else reference)
     worst = 0.0
     for w, engine_lp in enumerate(rollout.canary(canary_ids)):
         diff = float(np.max(np.abs(np.array(engine_lp) - reference)))
@@ -448,8 +460,7 @@ def restore_state(recipe: Recipe, resume_from: str | None, trainer: TrainerGroup
     cursor.load_state_dict(state["cursor"])
     start_step = state["step"]
     metrics_log.truncate_after(start_step)
-    rollout.update_weights(ray.put(trainer.weights()), start_step)
-    check_canary(recipe, trainer, rollout, canary_ids, start_step)
+    sync_weights(recipe, trainer, rollout, canary_ids, start_step)
     return start_step
 
 
