@@ -23,6 +23,8 @@ Leading dimensions are free: hidden [N,T,H] or [T,H] (or any [...,H]); ids carry
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -99,13 +101,6 @@ def chunk_dlogits(logits_CV: torch.Tensor, lse_C: torch.Tensor, grad_CK: torch.T
     return dense_CV.scatter(-1, ids_CK, (target_grad_CK - p_target_CK * grad_sum_C1).to(out_dtype))
 
 
-# On CUDA the two element-wise steps above run compiled: each becomes one or two kernels that read the fp32
-# [C,V] logits once, instead of eager torch's sub / exp / mul / scatter / cast passes (and logsumexp's
-# max / sub / exp / sum temporaries) — ~10% of a 0.6B update step. CPU keeps them eager (no compile wait), the
-# backward in place in the logits buffer.
-_COMPILED: dict[str, object] = {}
-
-
 def _chunk_dlogits_in_place(logits_CV, lse_C, grad_CK, ids_CK, out_dtype):
     """chunk_dlogits for out_dtype == the logits' dtype (fp32 / fp64: no rounding to fear), built in place in the
     [C,V] buffer the caller no longer needs: three passes, no temporaries (eager CPU)."""
@@ -114,13 +109,22 @@ def _chunk_dlogits_in_place(logits_CV, lse_C, grad_CK, ids_CK, out_dtype):
     return dlogits_CV.scatter_add_(-1, ids_CK, grad_CK)
 
 
-def _elementwise(logits_CV: torch.Tensor, which: str, out_dtype: torch.dtype | None = None):
-    eager = chunk_logprobs if which == "logprobs" else chunk_dlogits
-    if not logits_CV.is_cuda:
-        return _chunk_dlogits_in_place if which == "dlogits" and out_dtype == logits_CV.dtype else eager
-    if which not in _COMPILED:
-        _COMPILED[which] = torch.compile(eager, dynamic=True)
-    return _COMPILED[which]
+# On CUDA the two element-wise steps run compiled: each becomes one or two kernels that read the fp32 [C,V]
+# logits once, instead of eager torch's sub / exp / mul / scatter / cast passes (and logsumexp's max / sub / exp /
+# sum temporaries) — ~10% of a 0.6B update step. CPU keeps them eager (no compile wait), the backward in place.
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)     # on first use: importing torch._dynamo costs CPU processes start-up
+
+
+def _logprobs_step(logits_CV: torch.Tensor):
+    return _compiled(chunk_logprobs) if logits_CV.is_cuda else chunk_logprobs
+
+
+def _dlogits_step(logits_CV: torch.Tensor, out_dtype: torch.dtype):
+    if logits_CV.is_cuda:
+        return _compiled(chunk_dlogits)
+    return _chunk_dlogits_in_place if out_dtype == logits_CV.dtype else chunk_dlogits
 
 
 class _ChunkedLogprobsAt(torch.autograd.Function):
@@ -136,7 +140,7 @@ class _ChunkedLogprobsAt(torch.autograd.Function):
         for start in range(0, num_rows, chunk_size):
             stop = min(start + chunk_size, num_rows)
             logits_CV = _matmul_to(hidden_RH[start:stop], weight_VH.T, acc_dtype)
-            logprobs_RK[start:stop], lse_R[start:stop] = _elementwise(logits_CV, "logprobs")(
+            logprobs_RK[start:stop], lse_R[start:stop] = _logprobs_step(logits_CV)(
                 logits_CV, ids_RK[start:stop])
             del logits_CV
         # Only h, W, ids and one float per row are kept; the logits are recomputed in backward.
@@ -160,8 +164,8 @@ class _ChunkedLogprobsAt(torch.autograd.Function):
             hidden_CH = hidden_RH[start:stop]
             grad_CK = grad_RK[start:stop]
             logits_CV = _matmul_to(hidden_CH, weight_VH.T, acc_dtype)
-            dlogits_CV = _elementwise(logits_CV, "dlogits", hidden_RH.dtype)(logits_CV, lse_R[start:stop], grad_CK,
-                                                                              ids_RK[start:stop], hidden_RH.dtype)
+            dlogits_CV = _dlogits_step(logits_CV, hidden_RH.dtype)(logits_CV, lse_R[start:stop], grad_CK,
+                                                                    ids_RK[start:stop], hidden_RH.dtype)
             del logits_CV
             if need_hidden:
                 grad_hidden[start:stop] = dlogits_CV @ weight_VH

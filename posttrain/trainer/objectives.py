@@ -79,27 +79,18 @@ class MOPDObjective:
     settings: "MOPDLossSettings"
 
     def loss(self, rank, prompts, responses, arrays, mm_prompts=None):
-        from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics, mopd_objective
-
         chunk = rank.settings.logprob_chunk_size
         hidden, resp_ids, mask = rank.response_hidden(prompts, responses, arrays["cand_ids"].shape[1], mm_prompts)
-        arrays = dict(arrays)
-        if "loss_mask" in arrays:   # multi-turn: the student is distilled on its own tokens only
-            mask = mask * torch.as_tensor(arrays.pop("loss_mask"), dtype=mask.dtype, device=mask.device)
-        batch = MOPDBatch.from_arrays({**arrays, "mask": mask}, device=rank.device)
+        batch = self._batch(rank, arrays, mask)
         cand_logprobs = chunked_logprobs_at(hidden, rank.lm_head_weight, batch.cand_ids, chunk)     # [n,T,k]
         sampled = (chunked_token_logprobs(hidden, rank.lm_head_weight, resp_ids, chunk)
                    if self.settings.needs_sampled_logprobs else None)                                # [n,T]
-        loss, terms = mopd_objective(batch, self.settings, cand_logprobs=cand_logprobs, sampled_logprobs=sampled)
-        # The optimised loss and its clip fraction; the other diagnostics come from the driver at θ_old.
-        metrics = mopd_metrics(batch, self.settings, token_losses=terms, cand_logprobs=cand_logprobs)
-        return loss, {"loss/loss": float(loss.detach()), "loss/clip_frac": metrics.get("mopd/clip_frac", 0.0)}
+        return self._loss(batch, cand_logprobs, sampled)
 
     def packed_loss(self, rank, micro_batch, arrays):
         """The same loss on one packed row (FSDP mode): the candidates' and the sampled tokens' log-probs from one
         LM-head pass inside FSDP's gathered forward, padded back to [S,T,k] / [S,T] in packed order; `arrays` are
         already in that order. Each sequence still counts once."""
-        from posttrain.algorithms.mopd import MOPDBatch, mopd_metrics, mopd_objective
         from posttrain.trainer.packing import packed_candidate_logprobs, pad_per_sequence
 
         lengths = micro_batch.response_lengths
@@ -114,9 +105,22 @@ class MOPDObjective:
         sampled = pad_per_sequence(logprobs_RK1[:, k], lengths)[0] if self.settings.needs_sampled_logprobs else None
         T = mask.shape[1]
         arrays = {name: (v[:, :T] if v.ndim >= 2 else v) for name, v in arrays.items()}
+        return self._loss(self._batch(rank, arrays, mask), cand_logprobs, sampled)
+
+    @staticmethod
+    def _batch(rank, arrays, mask):
+        """The driver's arrays as an MOPDBatch on the rank's device, with the response mask [n,T]."""
+        from posttrain.algorithms.mopd import MOPDBatch
+
+        arrays = dict(arrays)
         if "loss_mask" in arrays:   # multi-turn: the student is distilled on its own tokens only
             mask = mask * torch.as_tensor(arrays.pop("loss_mask"), dtype=mask.dtype, device=mask.device)
-        batch = MOPDBatch.from_arrays({**arrays, "mask": mask}, device=rank.device)
+        return MOPDBatch.from_arrays({**arrays, "mask": mask}, device=rank.device)
+
+    def _loss(self, batch, cand_logprobs, sampled):
+        from posttrain.algorithms.mopd import mopd_metrics, mopd_objective
+
         loss, terms = mopd_objective(batch, self.settings, cand_logprobs=cand_logprobs, sampled_logprobs=sampled)
+        # The optimised loss and its clip fraction; the other diagnostics come from the driver at θ_old.
         metrics = mopd_metrics(batch, self.settings, token_losses=terms, cand_logprobs=cand_logprobs)
         return loss, {"loss/loss": float(loss.detach()), "loss/clip_frac": metrics.get("mopd/clip_frac", 0.0)}

@@ -309,10 +309,11 @@ class TrainerRank:
             by_index = {}
             for micro_batch in self.packed_micro_batches(prompts, responses):
                 ids, lps, tok = packed_topk(self.model, micro_batch, k, chunk)
-                lengths = micro_batch.response_lengths
-                for i, a, b, c in zip(micro_batch.sequence_indices, ids.split(lengths), lps.split(lengths),
-                                      tok.split(lengths)):
-                    by_index[i] = (a.cpu().numpy().astype(np.int32), b.float().cpu().numpy(), c.float().cpu().numpy())
+                ids, lps, tok = ids.cpu().numpy().astype(np.int32), lps.float().cpu().numpy(), tok.float().cpu().numpy()
+                bounds = np.cumsum(micro_batch.response_lengths)[:-1]      # one transfer per row, then split
+                for i, a, b, c in zip(micro_batch.sequence_indices, np.split(ids, bounds), np.split(lps, bounds),
+                                      np.split(tok, bounds)):
+                    by_index[i] = (a, b, c)
             return TeacherScores.from_sequences([by_index[i] for i in range(len(prompts))], k)
         parts = []
         for s in range(0, len(prompts), mb):
