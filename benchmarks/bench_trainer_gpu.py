@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--ac-every", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     ap.add_argument("--keep-gathered", action="store_true", help="reshard_after_forward=False")
+    ap.add_argument("--hold-gathered", action="store_true",
+                    help="with --keep-gathered: also keep the weights gathered between micro-batches")
     ap.add_argument("--optim-offload", action="store_true", help="AdamW moments in pinned host memory, streamed")
     ap.add_argument("--pad-to", type=int, default=1, help="round each packed row up to a multiple (compile)")
     ap.add_argument("--steps", type=int, default=3)
@@ -87,10 +90,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from posttrain.algorithms.gspo import gspo_loss
-    from posttrain.trainer.fsdp import build_optimizer, clip_grad_norm, shard_model
-    from posttrain.trainer.packing import (agree_micro_batch_count, pack_batch, packed_response_logprobs,
-                                           pad_per_sequence, plan_micro_batches, varlen_kernel_available)
+    from posttrain.trainer.fsdp import build_optimizer, shard_model
+    from posttrain.trainer.packing import varlen_kernel_available
     from transformers import Qwen3ForCausalLM
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -114,49 +115,30 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     times, optim_times, flops_per_step, step_tokens = [], [], [], []
     for step in range(args.steps + 1):
-        prompts, responses = ragged_step(args.seq_len, args.tokens, VOCAB, gen)
-        n_global = len(prompts)
-        seq_lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        flops = model_flops(config, seq_lens, sum(len(r) for r in responses))
-        mine = list(range(rank, n_global, world))
-        prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        count = agree_micro_batch_count(len(plan_micro_batches(lengths, args.token_budget)), "cuda")
-        micro_batches = pack_batch(prompts, responses, args.token_budget, min_micro_batches=count,
-                                   pad_to_multiple=args.pad_to)
-        advantages = torch.randn(len(prompts), generator=gen)
+        batch = next_batch(args, gen, config, rank, world)
         torch.cuda.synchronize()
         dist.barrier()
         start = time.perf_counter()
-        for mb in micro_batches:
-            logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, args.chunk), mb.response_lengths)
-            adv = advantages[mb.sequence_indices].cuda()
-            loss, _ = gspo_loss(logprobs, logprobs.detach(), adv, mask)
-            (loss * (len(mb.sequence_indices) / n_global)).backward()
-        torch.cuda.synchronize()
-        optim_start = time.perf_counter()
-        grad_norm = clip_grad_norm(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        grad_norm, optim_s = train_step(model, optimizer, batch, args.chunk, args.hold_gathered)
         elapsed = time.perf_counter() - start
         if step > 0:
             times.append(elapsed)
-            optim_times.append(time.perf_counter() - optim_start)
-            flops_per_step.append(flops)
-            step_tokens.append(sum(seq_lens))
+            optim_times.append(optim_s)
+            flops_per_step.append(batch.flops)
+            step_tokens.append(batch.tokens)
         if rank == 0:
-            print(f"step {step}: {elapsed:.2f} s, {len(micro_batches)} micro-batches, grad_norm {grad_norm:.3f}",
-                  flush=True)
+            print(f"step {step}: {elapsed:.2f} s, {len(batch.micro_batches)} micro-batches "
+                  f"{[mb.num_tokens for mb in batch.micro_batches]}, grad_norm {grad_norm:.3f}", flush=True)
     if args.profile and rank == 0:
-        profile_one_step(args.profile, lambda: one_step(model, optimizer, args, gen, config, rank, world))
+        profile_one_step(args.profile, lambda: train_step(model, optimizer, next_batch(args, gen, config, rank, world),
+                                                          args.chunk, args.hold_gathered))
     step_s = sum(times) / len(times)
     tokens = sum(step_tokens) / len(step_tokens)
     result = {
         "size": args.size, "params": n_params, "gpus": world, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "token_budget": args.token_budget, "pad_to": args.pad_to,
         "activation_checkpointing": args.ac, "ac_every": args.ac_every,
-        "compile": args.compile, "keep_gathered": args.keep_gathered, "optim_offload": args.optim_offload,
+        "compile": args.compile, "keep_gathered": args.keep_gathered, "hold_gathered": args.hold_gathered, "optim_offload": args.optim_offload,
         "step_s": round(step_s, 3), "clip_and_adamw_s": round(sum(optim_times) / len(optim_times), 3), "tokens_per_s": round(tokens / step_s),
         "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -171,23 +153,52 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def one_step(model, optimizer, args, gen, config, rank, world) -> None:
-    """One more training step like the timed ones (for the profiler)."""
-    from posttrain.algorithms.gspo import gspo_loss
-    from posttrain.trainer.fsdp import clip_grad_norm
-    from posttrain.trainer.packing import pack_batch, packed_response_logprobs, pad_per_sequence
+@dataclass
+class StepBatch:
+    micro_batches: list          # this rank's packed rows
+    advantages: torch.Tensor     # [this rank's sequences]
+    n_global: int                # sequences over all ranks (each counts 1/n_global in the loss)
+    flops: float                 # model FLOPs of the whole step (all ranks)
+    tokens: int                  # tokens of the whole step (all ranks)
+
+
+def next_batch(args, gen: torch.Generator, config, rank: int, world: int) -> StepBatch:
+    """A fresh ragged step, this rank's share packed into token-budget rows (every rank the same row count)."""
+    from posttrain.trainer.packing import agree_micro_batch_count, pack_batch, plan_micro_batches
 
     prompts, responses = ragged_step(args.seq_len, args.tokens, VOCAB, gen)
-    micro_batches = pack_batch(prompts, responses, args.token_budget, pad_to_multiple=args.pad_to)
-    advantages = torch.randn(len(prompts), generator=gen)
-    for mb in micro_batches:
-        logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, args.chunk), mb.response_lengths)
-        loss, _ = gspo_loss(logprobs, logprobs.detach(), advantages[mb.sequence_indices].cuda(), mask)
-        (loss * (len(mb.sequence_indices) / len(prompts))).backward()
-    clip_grad_norm(model, 1.0)
+    n_global = len(prompts)
+    seq_lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    flops = model_flops(config, seq_lens, sum(len(r) for r in responses))
+    mine = list(range(rank, n_global, world))
+    prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    count = agree_micro_batch_count(len(plan_micro_batches(lengths, args.token_budget)), "cuda")
+    micro_batches = pack_batch(prompts, responses, args.token_budget, min_micro_batches=count,
+                               pad_to_multiple=args.pad_to)
+    return StepBatch(micro_batches, torch.randn(len(prompts), generator=gen), n_global, flops, sum(seq_lens))
+
+
+def train_step(model, optimizer, batch: StepBatch, chunk: int, hold_gathered: bool) -> tuple[float, float]:
+    """Forward/backward over every packed row, clip, AdamW: (gradient norm, seconds of clip + AdamW).
+    hold_gathered: the weights stay gathered between micro-batches too (fsdp.hold_gathered_weights)."""
+    from posttrain.algorithms.gspo import gspo_loss
+    from posttrain.trainer.fsdp import clip_grad_norm, hold_gathered_weights
+    from posttrain.trainer.packing import packed_response_logprobs, pad_per_sequence
+
+    for n, mb in enumerate(batch.micro_batches):
+        if hold_gathered:
+            hold_gathered_weights(model, hold=n < len(batch.micro_batches) - 1)
+        logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, chunk), mb.response_lengths)
+        loss, _ = gspo_loss(logprobs, logprobs.detach(), batch.advantages[mb.sequence_indices].cuda(), mask)
+        (loss * (len(mb.sequence_indices) / batch.n_global)).backward()
+    torch.cuda.synchronize()
+    optim_start = time.perf_counter()
+    grad_norm = clip_grad_norm(model, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
+    return float(grad_norm), time.perf_counter() - optim_start
 
 
 KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")), ("attention", ("flash", "fmha")),

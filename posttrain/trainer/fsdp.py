@@ -19,7 +19,8 @@ from types import MethodType
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 
 from posttrain.trainer.packing import (HEAD_LOGPROBS_METHOD, PACKED_FORWARD_METHOD, _lm_head_outputs,
@@ -92,6 +93,24 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
     setattr(model, PACKED_FORWARD_METHOD, MethodType(_packed_forward, model))
     register_fsdp_forward_method(model, PACKED_FORWARD_METHOD)
     return model
+
+
+def hold_gathered_weights(model: torch.nn.Module, hold: bool) -> None:
+    """For a model sharded with reshard_after_forward=False (trainer.keep_weights_gathered): whether the coming
+    backward leaves every unit's compute-dtype weights gathered for the next micro-batch's forward (hold=True) or
+    frees them (False: the step's last micro-batch, so that the optimizer updates the shards and the next forward
+    gathers the new weights). Holding saves a gather and a cast of every layer per micro-batch; the memory is what
+    reshard_after_forward=False already needs at the end of each forward (one compute-dtype copy of the model)."""
+    model.set_reshard_after_backward(not hold)
+
+
+def release_gathered_weights(model: torch.nn.Module) -> None:
+    """Free any gathered weights (a no-grad forward with reshard_after_forward=False leaves them gathered, as no
+    backward follows to free them). Call before the weights change — an optimizer step or a checkpoint load — so
+    that no forward runs on a stale gathered copy; a no-op for units already sharded."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,

@@ -62,6 +62,9 @@ class TrainerSettings:
     activation_checkpointing: bool = False
     cpu_offload: bool = False
     optimizer_offload: bool = False
+    compile_layers: bool = False
+    pad_to_multiple: int = 1
+    keep_weights_gathered: bool = False
     train_vision: bool = True
 
 
@@ -75,7 +78,8 @@ def trainer_settings(recipe, objective) -> TrainerSettings:
                        else 0.0),
         logprob_chunk_size=t.logprob_chunk_size, objective=objective, fsdp=t.fsdp, token_budget=t.token_budget,
         activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload,
-        optimizer_offload=t.optimizer_offload, train_vision=t.train_vision,
+        optimizer_offload=t.optimizer_offload, compile_layers=t.compile_layers, pad_to_multiple=t.pad_to_multiple,
+        keep_weights_gathered=t.keep_weights_gathered, train_vision=t.train_vision,
         optimizer=OptimizerSettings(
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
             max_grad_norm=opt.max_grad_norm, schedule=opt.schedule, warmup_steps=opt.warmup_steps,
@@ -184,7 +188,8 @@ class TrainerRank:
             # fp32 master weights (and AdamW state); model.dtype is the compute dtype of the gathered copies.
             self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=torch.float32).to(self.device)
             shard_model(self.model, compute_dtype=None if s.dtype == "float32" else _DTYPES[s.dtype],
-                        activation_checkpointing=s.activation_checkpointing, cpu_offload=s.cpu_offload)
+                        activation_checkpointing=s.activation_checkpointing, cpu_offload=s.cpu_offload,
+                        compile_layers=s.compile_layers, reshard_after_forward=not s.keep_weights_gathered)
             self.optimizer = build_optimizer(self.model, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                              weight_decay=opt.weight_decay, offload_moments=s.optimizer_offload)
         else:
@@ -248,6 +253,13 @@ class TrainerRank:
         hidden_resp = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))          # [n,T,H]
         return hidden_resp, resp_ids, mask
 
+    def release_gathered_weights(self) -> None:
+        """trainer.keep_weights_gathered: free the gathered compute-dtype weights a no-grad pass (π_old, top-k, the
+        canary) leaves behind, and before anything changes the shards (fsdp.release_gathered_weights)."""
+        if self.settings.fsdp and self.settings.keep_weights_gathered:
+            from posttrain.trainer.fsdp import release_gathered_weights
+            release_gathered_weights(self.model)
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
@@ -260,7 +272,8 @@ class TrainerRank:
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         count = agree_micro_batch_count(len(plan_micro_batches(lengths, self.settings.token_budget)),
                                         device="cuda" if self.device.type == "cuda" else "cpu")
-        return pack_batch(prompts, responses, self.settings.token_budget, min_micro_batches=count)
+        return pack_batch(prompts, responses, self.settings.token_budget, min_micro_batches=count,
+                          pad_to_multiple=self.settings.pad_to_multiple)
 
     def packed_logprobs(self, micro_batch) -> list[torch.Tensor]:
         """log πθ of each packed sequence's response tokens (differentiable), in packed order."""
@@ -281,6 +294,7 @@ class TrainerRank:
             for micro_batch in self.packed_micro_batches(prompts, responses):
                 for i, lp in zip(micro_batch.sequence_indices, self.packed_logprobs(micro_batch)):
                     out_by_index[i] = lp.float().cpu().tolist()
+            self.release_gathered_weights()
             return [out_by_index[i] for i in range(len(prompts))]
         out: list[list[float]] = []
         mb = self.settings.micro_batch_size
@@ -314,6 +328,7 @@ class TrainerRank:
                 for i, a, b, c in zip(micro_batch.sequence_indices, np.split(ids, bounds), np.split(lps, bounds),
                                       np.split(tok, bounds)):
                     by_index[i] = (a, b, c)
+            self.release_gathered_weights()
             return TeacherScores.from_sequences([by_index[i] for i in range(len(prompts))], k)
         parts = []
         for s in range(0, len(prompts), mb):
@@ -344,7 +359,10 @@ class TrainerRank:
                      for micro_batch in self.packed_micro_batches(prompts, responses)]
         else:
             parts = [(list(range(s, min(s + mb, len(prompts)))), None) for s in range(0, len(prompts), mb)]
-        for idx, micro_batch in parts:
+        for n, (idx, micro_batch) in enumerate(parts):
+            if micro_batch is not None and self.settings.keep_weights_gathered:
+                from posttrain.trainer.fsdp import hold_gathered_weights
+                hold_gathered_weights(self.model, hold=n < len(parts) - 1)   # freed after the last backward
             part = {k: v[idx] for k, v in arrays.items()}
             if micro_batch is not None:
                 loss, metrics = self.objective.packed_loss(self, micro_batch, part)
@@ -372,6 +390,7 @@ class TrainerRank:
         rank takes the same decision."""
         if self.settings.fsdp:      # FSDP already summed the gradients (reduce-scatter) in backward
             from posttrain.trainer.fsdp import clip_grad_norm
+            self.release_gathered_weights()    # the step changes the shards: no gathered copy may outlive it
             grad_norm = torch.tensor(clip_grad_norm(self.model, self.settings.optimizer.max_grad_norm))
         else:
             if self.world_size > 1:
@@ -415,7 +434,9 @@ class TrainerRank:
         if self.settings.fsdp:    # every rank runs it (the forward all-gathers the shards)
             from posttrain.trainer.packing import pack_micro_batch
             micro_batch = pack_micro_batch([token_ids[:1]], [token_ids[1:]], [0])
-            return self.packed_logprobs(micro_batch)[0].float().cpu().tolist()
+            logprobs = self.packed_logprobs(micro_batch)[0].float().cpu().tolist()
+            self.release_gathered_weights()
+            return logprobs
         batch = pack_sequences([token_ids[:1]], [token_ids[1:]], self.pad_id)
         return self.logprobs(batch)[0].float().cpu().tolist()
 
@@ -450,6 +471,7 @@ class TrainerRank:
             if not os.path.isdir(os.path.join(directory, "sharded")):
                 raise RuntimeError(f"checkpoint {directory} was written without trainer.fsdp (no sharded/ folder); "
                                    "resume it with trainer.fsdp: false")
+            self.release_gathered_weights()
             load_sharded(os.path.join(directory, "sharded"), self.model, self.optimizer)
             self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"))["scheduler"])
             self._load_rng(directory)

@@ -9,6 +9,8 @@ Three process groups are spawned once for the module (~30 s on 2 busy cores):
   C  1 rank : B's checkpoint → step 3
   D  2 ranks, moments offloaded (OffloadedAdamW): 3 steps, checkpoint after step 2; then A's checkpoint → step 3
   E  1 rank : D's checkpoint (offloaded moments, 2 ranks) → step 3 with torch's AdamW
+  F  2 ranks, trainer.keep_weights_gathered + pad_to_multiple: each step first runs a no-grad pass (π_old-like,
+     leaving the weights gathered), then micro-batches that hold the weights gathered between them: 3 steps
 """
 from __future__ import annotations
 
@@ -45,12 +47,15 @@ def global_batch(step: int):
     return prompts, responses, old, advantages
 
 
-def train_step(model, optimizer, step: int, rank: int, world: int) -> dict:
-    """One GSPO optimizer step on this rank's share (sequences rank::world) of the global batch."""
+def train_step(model, optimizer, step: int, rank: int, world: int, keep_gathered: bool = False,
+               pad_to: int = 1) -> dict:
+    """One GSPO optimizer step on this rank's share (sequences rank::world) of the global batch.
+    keep_gathered: the model was sharded with reshard_after_forward=False; a no-grad pass over the batch first
+    (it leaves every unit gathered), then the weights stay gathered between micro-batches, as the worker does."""
     import torch.distributed as dist
 
     from posttrain.algorithms.gspo import gspo_loss
-    from posttrain.trainer.fsdp import clip_grad_norm
+    from posttrain.trainer.fsdp import clip_grad_norm, hold_gathered_weights, release_gathered_weights
     from posttrain.trainer.packing import agree_micro_batch_count, pack_batch, pad_per_sequence, \
         packed_response_logprobs
 
@@ -61,7 +66,14 @@ def train_step(model, optimizer, step: int, rank: int, world: int) -> dict:
     from posttrain.trainer.packing import plan_micro_batches
     count = agree_micro_batch_count(len(plan_micro_batches(lengths, TOKEN_BUDGET)))
     loss_sum = torch.zeros(())
-    for mb in pack_batch(prompts, responses, TOKEN_BUDGET, min_micro_batches=count):
+    micro_batches = pack_batch(prompts, responses, TOKEN_BUDGET, min_micro_batches=count, pad_to_multiple=pad_to)
+    if keep_gathered:
+        with torch.no_grad():
+            for mb in micro_batches:
+                packed_response_logprobs(model, mb, chunk_size=16)
+    for n, mb in enumerate(micro_batches):
+        if keep_gathered:
+            hold_gathered_weights(model, hold=n < len(micro_batches) - 1)
         seqs = [mine[i] for i in mb.sequence_indices]
         logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, chunk_size=16), mb.response_lengths)
         old_lp, _ = pad_per_sequence(torch.tensor(sum((old[i] for i in seqs), [])), mb.response_lengths)
@@ -73,6 +85,8 @@ def train_step(model, optimizer, step: int, rank: int, world: int) -> dict:
         loss_sum += scaled.detach()
     if dist.get_world_size() > 1:
         dist.all_reduce(loss_sum)
+    if keep_gathered:
+        release_gathered_weights(model)      # what the worker's optimizer_step does first
     grad_norm = clip_grad_norm(model, MAX_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -91,15 +105,16 @@ def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
     def fresh():
-        model = shard_model(tiny_qwen3())
+        model = shard_model(tiny_qwen3(), reshard_after_forward=mode != "F")
         return model, build_optimizer(model, lr=LR, offload_moments=mode == "D")
 
     result = {}
     model, optimizer = fresh()
-    if mode in ("A", "B", "D"):
+    if mode in ("A", "B", "D", "F"):
         result["steps"] = []
         for step in range(STEPS):
-            result["steps"].append(train_step(model, optimizer, step, rank, world))
+            result["steps"].append(train_step(model, optimizer, step, rank, world, keep_gathered=mode == "F",
+                                              pad_to=8 if mode == "F" else 1))
             if step == 1:
                 save_sharded(os.path.join(workdir, f"ckpt_{mode}"), model, optimizer,
                              extra={"step": 2, "scheduler": {"last_epoch": 2, "lrs": [0.5, 0.25]}})
@@ -147,6 +162,7 @@ def runs(tmp_path_factory):
             "workdir": workdir}
     runs["D"] = _spawn(2, "D", workdir)
     runs["E"] = _spawn(1, "E", workdir)
+    runs["F"] = _spawn(2, "F", workdir)
     return runs
 
 
@@ -185,6 +201,15 @@ def test_offloaded_moments_train_and_checkpoint_like_torch_adamw_across_rank_cou
         assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)
     assert _max_diff(runs["D"]["resumed_from_plain_adamw"], runs["A"]["final"]) < 2e-5
     assert _max_diff(runs["E"]["resumed_from_offloaded"], runs["D"]["final"]) < 2e-5
+
+
+def test_weights_kept_gathered_through_the_step_train_like_one_rank(runs):
+    """trainer.keep_weights_gathered (+ rows padded to a multiple of 8): the same losses and weights as A. A gathered
+    copy outliving an optimizer step would make the next step's no-grad pass and forward run on stale weights."""
+    for s1, s2 in zip(runs["A"]["steps"], runs["F"]["steps"]):
+        assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)
+        assert s2["grad_norm"] == pytest.approx(s1["grad_norm"], rel=1e-5)
+    assert _max_diff(runs["F"]["final"], runs["A"]["final"]) < 2e-5
 
 
 def test_weight_buckets_cover_every_hf_name_within_the_byte_bound(runs):

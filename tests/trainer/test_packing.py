@@ -45,14 +45,25 @@ def _alone_logprobs(model, prompt, response):
     return sequence_token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt) - 1:]
 
 
-def test_plan_is_first_fit_decreasing_within_budget_and_deterministic():
+def test_plan_is_balanced_within_budget_and_deterministic():
     lengths = [5, 9, 3, 7, 7, 2, 10]
     plan = plan_micro_batches(lengths, 12)
     assert plan == plan_micro_batches(list(lengths), 12)
     assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 12 for b in plan)
-    # FFD, largest first into the first bin with room: 10+2 | 9+3 | 7+5 | 7; bins listed by their first index
-    assert plan == [[0, 3], [1, 2], [4], [5, 6]]
+    # 43 tokens need ≥ 4 bins of 12; longest first into the least-loaded bin with room: 10 | 9 | 7 | 7, then
+    # 5 → the first 7, 3 → the other 7, 2 → the 9. Bins listed by their first index.
+    assert plan == [[0, 3], [1, 5], [2, 4], [6]]
+
+
+def test_plan_avoids_first_fit_decreasing_near_empty_last_bin():
+    # 32 tokens fit 2 bins of 16, but first-fit decreasing fills two bins to the brim and leaves a third holding
+    # one 3-token sequence (8+7 | 5+5+4 | 3): a whole extra forward/backward pass, FSDP gathers included.
+    lengths = [8, 5, 5, 3, 7, 4]
+    plan = plan_micro_batches(lengths, 16)
+    assert len(plan) == 2
+    assert [sum(lengths[i] for i in b) for b in plan] == [16, 16]             # 8+5+3 | 5+7+4
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
 
 
 def test_plan_splits_bins_to_reach_the_agreed_count_and_pads_with_empty_ones():
