@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--keep-gathered", action="store_true", help="reshard_after_forward=False")
     ap.add_argument("--hold-gathered", action="store_true",
                     help="with --keep-gathered: also keep the weights gathered between micro-batches")
+    ap.add_argument("--store-probs", action="store_true",
+                    help="the LM head keeps p [R,V] in bf16 for the backward instead of recomputing the logits")
     ap.add_argument("--optim-offload", action="store_true", help="AdamW moments in pinned host memory, streamed")
     ap.add_argument("--pad-to", type=int, default=1, help="round each packed row up to a multiple (compile)")
     ap.add_argument("--steps", type=int, default=3)
@@ -106,7 +108,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     shard_model(model, compute_dtype=torch.bfloat16, activation_checkpointing=args.ac,
                 checkpoint_every=args.ac_every, compile_layers=args.compile,
-                reshard_after_forward=not args.keep_gathered)
+                reshard_after_forward=not args.keep_gathered, lm_head_store_probs=args.store_probs)
     optimizer = build_optimizer(model, lr=1e-6, offload_moments=args.optim_offload)
     model.train()
     torch.cuda.empty_cache()
@@ -138,7 +140,8 @@ def main() -> None:
         "size": args.size, "params": n_params, "gpus": world, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "token_budget": args.token_budget, "pad_to": args.pad_to,
         "activation_checkpointing": args.ac, "ac_every": args.ac_every,
-        "compile": args.compile, "keep_gathered": args.keep_gathered, "hold_gathered": args.hold_gathered, "optim_offload": args.optim_offload,
+        "compile": args.compile, "keep_gathered": args.keep_gathered, "hold_gathered": args.hold_gathered,
+        "store_probs": args.store_probs, "optim_offload": args.optim_offload,
         "step_s": round(step_s, 3), "clip_and_adamw_s": round(sum(optim_times) / len(optim_times), 3), "tokens_per_s": round(tokens / step_s),
         "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -16,6 +16,10 @@ extra memory in both passes is O(chunk · V), not O(T · V):
     dlogits[c,v] = Σ_j g[c,j] · (1[v = ids[c,j]] − p[c,v])      p = exp(logits − lse)
     dh[c]        = dlogits @ W          dW += dlogits^T @ h[c]
 
+With `store_probs` (bf16/fp16 compute on a GPU with memory to spare) the forward keeps p instead, rounded to the
+compute dtype ([R,V], 2 bytes an entry): the backward then skips the logits matmul (2·R·V·H FLOPs, a third of
+the LM head's cost) and the exp pass; the K target entries stay exact (from the fp32 log-probs).
+
 Conventions: `hidden` is the body's final (post-norm) hidden state; the row at position t predicts token t+1,
 so callers shift ids exactly as for ordinary logits. The LM head has no bias (true of Qwen-class models).
 The sampling temperature never enters here (log-probs in the losses are at temperature 1, docs/algorithms.md §0).
@@ -101,6 +105,30 @@ def chunk_dlogits(logits_CV: torch.Tensor, lse_C: torch.Tensor, grad_CK: torch.T
     return dense_CV.scatter(-1, ids_CK, (target_grad_CK - p_target_CK * grad_sum_C1).to(out_dtype))
 
 
+def chunk_logprobs_and_probs(logits_CV: torch.Tensor, ids_CK: torch.Tensor, probs_dtype: torch.dtype
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chunk_logprobs, plus p[c,v] = exp(logits − lse) rounded to probs_dtype, for a backward without the logits
+    recompute.   → (logp [C,K], lse [C], p [C,V])"""
+    lse_C = torch.logsumexp(logits_CV, dim=-1)
+    shifted_CV = logits_CV - lse_C.unsqueeze(-1)
+    return shifted_CV.gather(-1, ids_CK), lse_C, shifted_CV.exp().to(probs_dtype)
+
+
+def chunk_dlogits_from_probs(probs_CV: torch.Tensor, logprobs_CK: torch.Tensor, grad_CK: torch.Tensor,
+                             ids_CK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """chunk_dlogits from the stored (rounded) p instead of recomputed logits.   → [C,V] in out_dtype
+
+        dlogits[c,v] = Σ_j g[c,j] · 1[v = ids[c,j]]  −  p[c,v] · Σ_j g[c,j]
+
+    The dense part uses the stored p (one more rounding than the recompute: p itself was rounded); the K target
+    entries use p = exp(logp) from the fp32 log-probs, exact as in chunk_dlogits (no cancellation at p → 1)."""
+    grad_sum_C1 = grad_CK.sum(-1, keepdim=True)
+    dense_CV = (probs_CV.to(grad_CK.dtype) * -grad_sum_C1).to(out_dtype)
+    same_id_CKK = ids_CK.unsqueeze(-1) == ids_CK.unsqueeze(-2)
+    target_grad_CK = (same_id_CKK.to(grad_CK.dtype) * grad_CK.unsqueeze(-2)).sum(-1)
+    return dense_CV.scatter(-1, ids_CK, (target_grad_CK - logprobs_CK.exp() * grad_sum_C1).to(out_dtype))
+
+
 def _chunk_dlogits_in_place(logits_CV, lse_C, grad_CK, ids_CK, out_dtype):
     """chunk_dlogits for out_dtype == the logits' dtype (fp32 / fp64: no rounding to fear), built in place in the
     [C,V] buffer the caller no longer needs: three passes, no temporaries (eager CPU)."""
@@ -118,7 +146,7 @@ def _compiled(fn):
 
 
 def _logprobs_step(logits_CV: torch.Tensor):
-    return _compiled(chunk_logprobs) if logits_CV.is_cuda else chunk_logprobs
+    return _on_device(chunk_logprobs, logits_CV)
 
 
 def _dlogits_step(logits_CV: torch.Tensor, out_dtype: torch.dtype):
@@ -127,30 +155,41 @@ def _dlogits_step(logits_CV: torch.Tensor, out_dtype: torch.dtype):
     return _chunk_dlogits_in_place if out_dtype == logits_CV.dtype else chunk_dlogits
 
 
+def _on_device(fn, tensor: torch.Tensor):
+    return _compiled(fn) if tensor.is_cuda else fn
+
+
 class _ChunkedLogprobsAt(torch.autograd.Function):
     """logp[R,K] = log_softmax(h @ W^T)[r, ids[r,k]], forward and backward chunked over rows R."""
 
     @staticmethod
     def forward(ctx, hidden_RH: torch.Tensor, weight_VH: torch.Tensor, ids_RK: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, store_probs: bool = False) -> torch.Tensor:
         acc_dtype = _accumulation_dtype(hidden_RH.dtype)
         num_rows = hidden_RH.shape[0]
         logprobs_RK = torch.empty(ids_RK.shape, dtype=acc_dtype, device=hidden_RH.device)
         lse_R = torch.empty(num_rows, dtype=acc_dtype, device=hidden_RH.device)
+        probs_RV = (torch.empty(num_rows, weight_VH.shape[0], dtype=hidden_RH.dtype, device=hidden_RH.device)
+                    if store_probs else None)
         for start in range(0, num_rows, chunk_size):
             stop = min(start + chunk_size, num_rows)
             logits_CV = _matmul_to(hidden_RH[start:stop], weight_VH.T, acc_dtype)
-            logprobs_RK[start:stop], lse_R[start:stop] = _logprobs_step(logits_CV)(
-                logits_CV, ids_RK[start:stop])
+            if store_probs:
+                logprobs_RK[start:stop], lse_R[start:stop], probs_RV[start:stop] = _on_device(
+                    chunk_logprobs_and_probs, logits_CV)(logits_CV, ids_RK[start:stop], hidden_RH.dtype)
+            else:
+                logprobs_RK[start:stop], lse_R[start:stop] = _logprobs_step(logits_CV)(
+                    logits_CV, ids_RK[start:stop])
             del logits_CV
-        # Only h, W, ids and one float per row are kept; the logits are recomputed in backward.
-        ctx.save_for_backward(hidden_RH, weight_VH, ids_RK, lse_R)
+        # Only h, W, ids and one float per row are kept (the logits are recomputed in backward), or with
+        # store_probs the rounded p and the fp32 log-probs of the targets.
+        ctx.save_for_backward(hidden_RH, weight_VH, ids_RK, lse_R, probs_RV, logprobs_RK if store_probs else None)
         ctx.chunk_size = chunk_size
         return logprobs_RK
 
     @staticmethod
     def backward(ctx, grad_RK: torch.Tensor):
-        hidden_RH, weight_VH, ids_RK, lse_R = ctx.saved_tensors
+        hidden_RH, weight_VH, ids_RK, lse_R, probs_RV, logprobs_RK = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc_dtype = lse_R.dtype
         grad_hidden = torch.empty_like(hidden_RH) if need_hidden else None
@@ -163,28 +202,33 @@ class _ChunkedLogprobsAt(torch.autograd.Function):
             stop = min(start + ctx.chunk_size, num_rows)
             hidden_CH = hidden_RH[start:stop]
             grad_CK = grad_RK[start:stop]
-            logits_CV = _matmul_to(hidden_CH, weight_VH.T, acc_dtype)
-            dlogits_CV = _dlogits_step(logits_CV, hidden_RH.dtype)(logits_CV, lse_R[start:stop], grad_CK,
-                                                                    ids_RK[start:stop], hidden_RH.dtype)
-            del logits_CV
+            if probs_RV is not None:
+                dlogits_CV = _on_device(chunk_dlogits_from_probs, grad_CK)(
+                    probs_RV[start:stop], logprobs_RK[start:stop], grad_CK, ids_RK[start:stop], hidden_RH.dtype)
+            else:
+                logits_CV = _matmul_to(hidden_CH, weight_VH.T, acc_dtype)
+                dlogits_CV = _dlogits_step(logits_CV, hidden_RH.dtype)(logits_CV, lse_R[start:stop], grad_CK,
+                                                                        ids_RK[start:stop], hidden_RH.dtype)
+                del logits_CV
             if need_hidden:
                 grad_hidden[start:stop] = dlogits_CV @ weight_VH
             if need_weight:
                 _accumulate_matmul(grad_weight_acc, dlogits_CV.T, hidden_CH)
             del dlogits_CV
         grad_weight = grad_weight_acc.to(weight_VH.dtype) if need_weight else None
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_logprobs_at(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: torch.Tensor,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                        chunk_size: int = DEFAULT_CHUNK_SIZE, store_probs: bool = False) -> torch.Tensor:
     """Differentiable log πθ(ids) at given candidate ids, without materialising [T, V] logits.
 
         logp[...,k] = log_softmax(hidden @ W^T)[..., ids[...,k]]
 
     hidden [...,H] (e.g. [N,T,H]); lm_head_weight W [V,H]; ids long [...,K] (e.g. the student's top-k ids
     from π_old, for the MOPD loss). Returns [...,K] in fp32 (fp64 if the inputs are fp64). Gradients flow to
-    hidden and W; peak extra memory in forward and backward is O(chunk_size · V).
+    hidden and W; peak extra memory in forward and backward is O(chunk_size · V). store_probs: keep p [R,V] in
+    hidden's dtype from forward to backward (R·V more entries held) instead of recomputing the logits.
     """
     if ids.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(f"ids leading shape {tuple(ids.shape[:-1])} must match hidden's {tuple(hidden.shape[:-1])}")
@@ -196,17 +240,17 @@ def chunked_logprobs_at(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids:
     lead_shape, hidden_size, num_ids = hidden.shape[:-1], hidden.shape[-1], ids.shape[-1]
     hidden_RH = hidden.reshape(-1, hidden_size)
     ids_RK = ids.reshape(-1, num_ids).to(torch.int64)
-    logprobs_RK = _ChunkedLogprobsAt.apply(hidden_RH, lm_head_weight, ids_RK, chunk_size)
+    logprobs_RK = _ChunkedLogprobsAt.apply(hidden_RH, lm_head_weight, ids_RK, chunk_size, store_probs)
     return logprobs_RK.reshape(*lead_shape, num_ids)
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor,
-                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                           chunk_size: int = DEFAULT_CHUNK_SIZE, store_probs: bool = False) -> torch.Tensor:
     """Differentiable log πθ(y_t) of one given token per position.   hidden [...,H], token_ids [...] → [...]
 
     The K = 1 case of `chunked_logprobs_at` (same bounded memory in forward and backward).
     """
-    return chunked_logprobs_at(hidden, lm_head_weight, token_ids.unsqueeze(-1), chunk_size).squeeze(-1)
+    return chunked_logprobs_at(hidden, lm_head_weight, token_ids.unsqueeze(-1), chunk_size, store_probs).squeeze(-1)
 
 
 @torch.no_grad()

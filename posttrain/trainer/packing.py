@@ -34,6 +34,9 @@ VARLEN_ATTENTION = "posttrain_varlen"
 # registers it, so that the root's parameters - embeddings, final norm, LM head - are gathered around the call).
 PACKED_FORWARD_METHOD = "posttrain_packed_response_logprobs"
 HEAD_LOGPROBS_METHOD = "posttrain_lm_head_outputs"     # on an LM head that is an FSDP unit of its own
+# Set True on the LM head (fsdp.shard_model's lm_head_store_probs): its differentiable passes keep p [R,V] in the
+# compute dtype for the backward instead of recomputing the logits (topk.chunked_logprobs_at's store_probs).
+LM_HEAD_STORES_PROBS = "posttrain_lm_head_stores_probs"
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
@@ -242,10 +245,11 @@ def _lm_head_outputs(head: torch.nn.Module, hidden_RH: torch.Tensor, targets_R: 
     if top_k:
         with torch.no_grad():
             return chunked_topk_and_token_logprobs(hidden_RH, head.weight, top_k, targets_R, chunk_size)
+    store_probs = getattr(head, LM_HEAD_STORES_PROBS, False) and torch.is_grad_enabled()   # no backward: no use
     if candidate_ids_RK is not None:
         ids_RK1 = torch.cat([candidate_ids_RK, targets_R.unsqueeze(-1)], dim=-1)     # one LM-head pass for both
-        return chunked_logprobs_at(hidden_RH, head.weight, ids_RK1, chunk_size).clone()
-    return chunked_token_logprobs(hidden_RH, head.weight, targets_R, chunk_size).clone()
+        return chunked_logprobs_at(hidden_RH, head.weight, ids_RK1, chunk_size, store_probs).clone()
+    return chunked_token_logprobs(hidden_RH, head.weight, targets_R, chunk_size, store_probs).clone()
 
 
 def _forward_packed(model: torch.nn.Module, micro_batch: PackedMicroBatch, chunk_size: int, **head_request):

@@ -65,6 +65,7 @@ class TrainerSettings:
     compile_layers: bool = False
     pad_to_multiple: int = 1
     keep_weights_gathered: bool = False
+    lm_head_store_probs: bool = False
     train_vision: bool = True
 
 
@@ -79,7 +80,8 @@ def trainer_settings(recipe, objective) -> TrainerSettings:
         logprob_chunk_size=t.logprob_chunk_size, objective=objective, fsdp=t.fsdp, token_budget=t.token_budget,
         activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload,
         optimizer_offload=t.optimizer_offload, compile_layers=t.compile_layers, pad_to_multiple=t.pad_to_multiple,
-        keep_weights_gathered=t.keep_weights_gathered, train_vision=t.train_vision,
+        keep_weights_gathered=t.keep_weights_gathered, lm_head_store_probs=t.lm_head_store_probs,
+        train_vision=t.train_vision,
         optimizer=OptimizerSettings(
             lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
             max_grad_norm=opt.max_grad_norm, schedule=opt.schedule, warmup_steps=opt.warmup_steps,
@@ -189,7 +191,8 @@ class TrainerRank:
             self.model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=torch.float32).to(self.device)
             shard_model(self.model, compute_dtype=None if s.dtype == "float32" else _DTYPES[s.dtype],
                         activation_checkpointing=s.activation_checkpointing, cpu_offload=s.cpu_offload,
-                        compile_layers=s.compile_layers, reshard_after_forward=not s.keep_weights_gathered)
+                        compile_layers=s.compile_layers, reshard_after_forward=not s.keep_weights_gathered,
+                        lm_head_store_probs=s.lm_head_store_probs)
             self.optimizer = build_optimizer(self.model, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                              weight_decay=opt.weight_decay, offload_moments=s.optimizer_offload)
         else:

@@ -138,8 +138,10 @@ def test_cuda_matches_cpu_float64():
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_chunked_matches_fp64_reference():
-    """bf16 on CUDA (the out_dtype fast path) against fp64 math on the same bf16 values, across several chunks."""
+@pytest.mark.parametrize("store_probs", [False, True])
+def test_cuda_bf16_chunked_matches_fp64_reference(store_probs):
+    """bf16 on CUDA (the out_dtype fast path, compiled element-wise steps) against fp64 math on the same bf16
+    values, across several chunks; with the logits recomputed in backward or p stored from forward."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     gen = torch.Generator().manual_seed(5)
@@ -149,7 +151,7 @@ def test_cuda_bf16_chunked_matches_fp64_reference():
     upstream = torch.randn(300, 4, generator=gen)
     h = hidden.cuda().requires_grad_()
     w = weight.cuda().requires_grad_()
-    got = chunked_logprobs_at(h, w, ids.cuda(), chunk_size=64)
+    got = chunked_logprobs_at(h, w, ids.cuda(), chunk_size=64, store_probs=store_probs)
     (got * upstream.cuda()).sum().backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref = torch.log_softmax(h64 @ w64.T, -1).gather(-1, ids)
@@ -251,3 +253,37 @@ def test_chunk_dlogits_is_the_gradient_and_exact_at_confident_targets():
     assert confident.sum() >= 4 and (rounded.gather(-1, one_id)[confident] != 0).all()
     naive = (-(logits.float() - lse.float().unsqueeze(-1)).exp() * one_grad.float()).bfloat16()
     assert (naive.scatter_add(-1, one_id, one_grad.bfloat16()).gather(-1, one_id) == 0).any()
+
+
+def test_stored_probabilities_give_the_recomputed_gradients():
+    """store_probs: the backward from p kept in forward instead of recomputed logits. In fp64 (p stored in fp64)
+    the same values and gradients as the recompute, repeated ids included; in bf16 the gradients within the
+    rounding of p, and the confident targets' entries still their exact value (from the fp32 log-probs)."""
+    hidden, weight, gen = _inputs(n=3, t=5, v=23)
+    ids = torch.randint(0, 23, (3, 5, 3), generator=gen)
+    ids[0, 0] = torch.tensor([4, 4, 9])
+    upstream = torch.randn(ids.shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for store in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = chunked_logprobs_at(h, w, ids, chunk_size=4, store_probs=store)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), h.grad, w.grad))
+    for recomputed, stored in zip(*grads):
+        torch.testing.assert_close(stored, recomputed, rtol=1e-12, atol=1e-12)
+
+    # bf16 with confident targets (p → 1): against the recompute path (chunk_dlogits) on the same fp32 logits
+    from posttrain.algorithms.topk import chunk_dlogits, chunk_dlogits_from_probs, chunk_logprobs_and_probs
+
+    logits = torch.randn(6, 40, generator=gen, dtype=torch.float32) * 3
+    logits[:, 7] += 15.0
+    one_id, g = torch.full((6, 1), 7), torch.randn(6, 1, generator=gen)
+    logp, lse, probs = chunk_logprobs_and_probs(logits, one_id, torch.bfloat16)
+    assert probs.dtype == torch.bfloat16
+    got = chunk_dlogits_from_probs(probs, logp, g, one_id, torch.bfloat16)
+    recomputed = chunk_dlogits(logits, lse, g, one_id, torch.bfloat16)
+    # the targets: the same fp32 value rounded once (g·(1 − p) ≪ g, not cancelled to 0) ...
+    assert torch.equal(got.gather(-1, one_id), recomputed.gather(-1, one_id))
+    assert (got.gather(-1, one_id) != 0).all()
+    # ... the rest −g·p within one more bf16 rounding (of p itself)
+    torch.testing.assert_close(got.double(), recomputed.double(), rtol=2 ** -7, atol=0)

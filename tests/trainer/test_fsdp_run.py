@@ -70,13 +70,14 @@ def test_offloaded_adamw_moments_train_like_the_resident_ones(tmp_path):
 
 def test_speed_options_train_like_the_defaults(tmp_path):
     """The GPU speed options through a run (recipe → settings → every sharded rank): weights kept gathered through
-    the step (and held between micro-batches), rows padded to a multiple of 64, decoder layers compiled — the
+    the step (and held between micro-batches), rows padded to a multiple of 64, decoder layers compiled, the LM
+    head's probabilities stored for the backward (fp32 here: the same math as the recompute) — the
     same losses and weights as the defaults after 2 steps on 2 ranks (a 128-token budget: several micro-batches per rank)."""
     plain, fast = str(tmp_path / "plain"), str(tmp_path / "fast")
     common = [*FSDP, "total_steps=2", "trainer.num_workers=2", "trainer.token_budget=128"]
     _run([*common, "--run-dir", plain])
     _run([*common, "trainer.keep_weights_gathered=true", "trainer.pad_to_multiple=64", "trainer.compile_layers=true",
-          "--run-dir", fast])
+          "trainer.lm_head_store_probs=true", "--run-dir", fast])
     a, b = _records(plain), _records(fast)
     assert [r["loss/grad_norm"] for r in a] == pytest.approx([r["loss/grad_norm"] for r in b], rel=1e-4)
     assert [r["loss/policy"] for r in a] == pytest.approx([r["loss/policy"] for r in b], abs=1e-6)
