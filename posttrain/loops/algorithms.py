@@ -18,7 +18,7 @@ import torch
 from posttrain.algorithms.grpo import grpo_loss
 from posttrain.algorithms.gspo import group_advantages, gspo_loss, truncated_importance_weights
 from posttrain.orchestration import take_media
-from posttrain.trainer.objectives import MOPDObjective, PolicyGradientObjective
+from posttrain.trainer.objectives import OLD_FROM_OWN_FORWARD, MOPDObjective, PolicyGradientObjective
 from teachers.scores import TeacherScores, padded
 
 
@@ -54,24 +54,36 @@ class GSPO:
                 keep = {k for k in keep if bool((batch.rewards[batch.group_ids == batch.group_ids[k]]
                                                  != batch.rewards[k]).any())}
             media = trainer.share_media(batch.mm_prompts)   # the pixels travel once per step (a handle, not kept)
-            old_logprobs = trainer.compute_logprobs(batch.prompts, batch.responses, media)   # π_old
+            parts = whole_group_minibatches(len(batch.prompts), a.mini_batches)
+            # π_old is the weights at the start of the update. The first mini-batch that trains runs on exactly
+            # those weights, so (synchronous rollout, one epoch) its π_old comes from its own forward, detached —
+            # no separate pass for it; the others need π_old before any step (docs/algorithms.md §1.2).
+            first = next(([k for k in part if k in keep] for part in parts if any(k in keep for k in part)), [])
+            from_own_forward = set(first) if not batch.stale_steps and a.epochs == 1 else set()
+            need = [k for k in range(len(batch.prompts)) if k not in from_own_forward]
+            old_logprobs = dict(zip(need, trainer.compute_logprobs(                                  # π_old
+                [batch.prompts[k] for k in need], [batch.responses[k] for k in need], take_media(media, need))
+                if need else []))
+            old_logprobs.update({k: [0.0] * len(batch.responses[k]) for k in from_own_forward})   # filled in the loss
             stale = {}
             if batch.stale_steps:   # sampled by μ, an older policy: reweight by π_old/μ (docs/algorithms.md §1.6)
-                weights = importance_weights(old_logprobs, batch.sampling_logprobs, batch.max_importance_weight,
-                                             batch.loss_masks)
+                weights = importance_weights([old_logprobs[k] for k in range(len(batch.prompts))],
+                                             batch.sampling_logprobs, batch.max_importance_weight, batch.loss_masks)
                 advantages = advantages * weights
                 stale = {"rollout/importance_weight_mean": float(weights.mean()),
                          "rollout/importance_weight_capped_frac":
                              float((weights >= batch.max_importance_weight).float().mean())}
             metrics = []
             for _epoch in range(a.epochs):
-                for part in whole_group_minibatches(len(batch.prompts), a.mini_batches):
+                for part in parts:
                     idx = [k for k in part if k in keep]
                     if not idx:
                         continue
                     T = max(len(batch.responses[k]) for k in idx)
                     arrays = {"old_logprobs": padded([np.asarray(old_logprobs[k], np.float32) for k in idx], T),
                               "advantages": advantages[idx].numpy()}
+                    if from_own_forward:
+                        arrays[OLD_FROM_OWN_FORWARD] = np.array([k in from_own_forward for k in idx])
                     if batch.loss_masks is not None:
                         arrays["loss_mask"] = loss_mask_array(batch.loss_masks, idx, T)
                     metrics.append(trainer.train_minibatch(

@@ -29,12 +29,18 @@ def _scatter_response_values(values: np.ndarray, prompt_lens: list[int], respons
     return out
 
 
+# arrays key (bool [n]): this sequence's π_old is the training forward's own log-probs, detached (GSPO.update).
+OLD_FROM_OWN_FORWARD = "old_from_own_forward"
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyGradientObjective:
     """GSPO / GRPO: `policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=, clip_high=)`.
 
-    arrays: old_logprobs [n,T] (π_old of each response token, 0-padded), advantages [n], and for multi-turn
-    trajectories loss_mask [n,T] (1 on policy-sampled tokens: observations carry no loss)."""
+    arrays: old_logprobs [n,T] (π_old of each response token, 0-padded), advantages [n], for multi-turn
+    trajectories loss_mask [n,T] (1 on policy-sampled tokens: observations carry no loss), and optionally
+    OLD_FROM_OWN_FORWARD [n] (bool): sequences whose π_old is this forward's log-probs, detached — the step's first
+    mini-batch, which runs on the very weights π_old denotes (no separate π_old pass for it)."""
     policy_loss: Callable
     clip_low: float
     clip_high: float
@@ -45,9 +51,7 @@ class PolicyGradientObjective:
         if "loss_mask" in arrays:
             mask = mask * _scatter_response_values(arrays["loss_mask"], prompt_lens, responses, mask)
         old = _scatter_response_values(arrays["old_logprobs"], prompt_lens, responses, mask)       # [n,L-1]
-        adv = torch.as_tensor(arrays["advantages"], dtype=torch.float32, device=rank.device)      # [n]
-        return self.policy_loss(rank.logprobs(batch), old, adv, mask, clip_low=self.clip_low,
-                                clip_high=self.clip_high)
+        return self._loss(rank.logprobs(batch), old, mask, arrays, rank.device)
 
     def packed_loss(self, rank, micro_batch, arrays):
         """The same loss on one packed row (FSDP mode): per-sequence log-probs padded to [S,T] in packed order;
@@ -63,9 +67,15 @@ class PolicyGradientObjective:
         old = torch.as_tensor(arrays["old_logprobs"][:, :T], dtype=torch.float32, device=rank.device)
         if "loss_mask" in arrays:
             mask = mask * torch.as_tensor(arrays["loss_mask"][:, :T], dtype=mask.dtype, device=mask.device)
-        adv = torch.as_tensor(arrays["advantages"], dtype=torch.float32, device=rank.device)
-        return self.policy_loss(logprobs, old, adv, mask.to(logprobs.device), clip_low=self.clip_low,
-                                clip_high=self.clip_high)
+        return self._loss(logprobs, old, mask.to(logprobs.device), arrays, rank.device)
+
+    def _loss(self, logprobs, old, mask, arrays, device):
+        """logprobs, old, mask [n,T] aligned; the advantages and the own-forward π_old rows from `arrays`."""
+        if OLD_FROM_OWN_FORWARD in arrays:
+            own = torch.as_tensor(arrays[OLD_FROM_OWN_FORWARD], dtype=torch.bool, device=logprobs.device)
+            old = torch.where(own.unsqueeze(-1), logprobs.detach(), old.to(logprobs.device))
+        adv = torch.as_tensor(arrays["advantages"], dtype=torch.float32, device=device)            # [n]
+        return self.policy_loss(logprobs, old, adv, mask, clip_low=self.clip_low, clip_high=self.clip_high)
 
 
 @dataclasses.dataclass(frozen=True)

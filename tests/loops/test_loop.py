@@ -292,3 +292,74 @@ def test_rank_metrics_are_averaged_over_all_sequences_and_optimizer_metrics_take
                                   "loss/nonfinite_skipped": 0.0, "_sequences": 1}])
     assert merged == {"loss/loss": 0.5, "loss/clip_frac": 0.375, "loss/grad_norm": 3.0, "loss/lr": 1e-3,
                       "loss/nonfinite_skipped": 0.0}
+
+
+@pytest.mark.unit
+def test_pi_old_from_the_training_forward_equals_the_separate_pass(trainer_rank):
+    """OLD_FROM_OWN_FORWARD: the first mini-batch's π_old taken from its own forward, detached, gives the loss and
+    gradient of π_old from a separate pass over the same weights."""
+    from posttrain.trainer.objectives import OLD_FROM_OWN_FORWARD
+
+    prompts, responses = [[1, 2, 3], [1, 2, 4], [3, 1]], [[5, 6], [7, 8, 9], [4]]
+    old = trainer_rank.compute_logprobs(prompts, responses)
+    arrays = {"old_logprobs": np.array([o + [0.0] * (3 - len(o)) for o in old], np.float32),
+              "advantages": np.array([1.0, -0.5, 0.25], np.float32)}
+    results = []
+    for own in (False, True):
+        extra = {OLD_FROM_OWN_FORWARD: np.array([True, True, True]),
+                 "old_logprobs": np.zeros((3, 3), np.float32)} if own else {}
+        trainer_rank.model.zero_grad(set_to_none=True)
+        loss, _ = trainer_rank.objective.loss(trainer_rank, prompts, responses, {**arrays, **extra})
+        loss.backward()
+        results.append((float(loss), [p.grad.clone() for p in trainer_rank.model.parameters()]))
+    trainer_rank.model.zero_grad(set_to_none=True)
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-6)
+    for g_separate, g_own in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g_own, g_separate, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in results[1][1])
+
+
+class _RecordingTrainer:
+    """What GSPO.update asks of the trainer group, recorded (the real group is tested in the run tests)."""
+
+    def __init__(self):
+        self.logprob_calls, self.minibatch_arrays = [], []
+
+    def share_media(self, mm_prompts):
+        return None
+
+    def compute_logprobs(self, prompts, responses, media=None):
+        self.logprob_calls.append(len(prompts))
+        return [[-1.0] * len(r) for r in responses]
+
+    def train_minibatch(self, prompts, responses, arrays, media=None):
+        self.minibatch_arrays.append(arrays)
+        return {"loss/policy": 0.0}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("stale_steps", [0, 1])
+def test_gspo_skips_the_pi_old_pass_of_the_first_minibatch_only_when_synchronous(stale_steps):
+    from types import SimpleNamespace
+
+    from posttrain.loops.algorithms import GSPO
+    from posttrain.metrics import StepTimer
+    from posttrain.trainer.objectives import OLD_FROM_OWN_FORWARD
+
+    n = 8
+    batch = SimpleNamespace(prompts=[[1, 2]] * n, responses=[[3] * (k + 1) for k in range(n)],
+                            rewards=torch.tensor([0.0, 1.0] * 4), group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+                            mm_prompts=None, stale_steps=stale_steps, loss_masks=None,
+                            sampling_logprobs=[[-1.0] * (k + 1) for k in range(n)], max_importance_weight=2.0)
+    settings = SimpleNamespace(epochs=1, mini_batches=4, scale_by_std=True, eps=1e-6,
+                               filter_equal_reward_groups=False)
+    trainer = _RecordingTrainer()
+    GSPO(settings).update(batch, trainer, StepTimer())
+    assert len(trainer.minibatch_arrays) == 4
+    if stale_steps:     # the importance weights π_old/μ need every π_old before the first step
+        assert trainer.logprob_calls == [n]
+        assert all(OLD_FROM_OWN_FORWARD not in a for a in trainer.minibatch_arrays)
+    else:               # the first mini-batch (2 sequences) takes π_old from its own forward
+        assert trainer.logprob_calls == [n - 2]
+        assert trainer.minibatch_arrays[0][OLD_FROM_OWN_FORWARD].tolist() == [True, True]
+        assert all(not a[OLD_FROM_OWN_FORWARD].any() for a in trainer.minibatch_arrays[1:])
