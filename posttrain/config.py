@@ -366,6 +366,9 @@ class Recipe(_Strict):
             raise ValueError(f"trainer.token_budget = {self.trainer.token_budget} is not a multiple of "
                              f"trainer.pad_to_multiple = {self.trainer.pad_to_multiple}: rows rounded up would "
                              "exceed the budget; make the budget a multiple of it")
+        if self.trainer.cpu_offload and self.trainer.keep_weights_gathered:
+            raise ValueError("trainer.keep_weights_gathered keeps a compute-dtype copy of the model on the device "
+                             "through each step, which trainer.cpu_offload exists to avoid; set only one of them")
         if self.trainer.cpu_offload and self.trainer.optimizer_offload:
             raise ValueError("trainer.cpu_offload already keeps the whole optimizer on the CPU; set only one of "
                              "trainer.cpu_offload and trainer.optimizer_offload")

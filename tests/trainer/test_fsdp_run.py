@@ -93,6 +93,9 @@ def test_speed_options_are_checked_against_the_recipe():
         load_recipe("recipes/smoke.yaml", ["trainer.keep_weights_gathered=true"])
     with pytest.raises(RecipeError, match="trainer.compile_layers needs trainer.fsdp"):
         load_recipe("recipes/smoke.yaml", ["trainer.compile_layers=true"])
+    with pytest.raises(RecipeError, match="set only one of them"):
+        load_recipe("recipes/smoke.yaml", ["trainer.fsdp=true", "trainer.keep_weights_gathered=true",
+                                           "trainer.cpu_offload=true"])
     with pytest.raises(RecipeError, match="not a multiple of trainer.pad_to_multiple"):
         load_recipe("recipes/smoke.yaml", ["trainer.fsdp=true", "trainer.token_budget=1000",
                                            "trainer.pad_to_multiple=64"])
