@@ -98,11 +98,16 @@ def chunk_dlogits(logits_CV: torch.Tensor, lse_C: torch.Tensor, grad_CK: torch.T
     instead would cancel catastrophically at confident tokens, where p → 1 and the entry g·(1 − p) → 0."""
     grad_sum_C1 = grad_CK.sum(-1, keepdim=True)
     dense_CV = ((logits_CV - lse_C.unsqueeze(-1)).exp() * -grad_sum_C1).to(out_dtype)
-    # Exact value at each target: every g[c,j] whose id equals ids[c,k] (ids may repeat), minus p·Σg.
+    logp_target_CK = logits_CV.gather(-1, ids_CK) - lse_C.unsqueeze(-1)
+    return dense_CV.scatter(-1, ids_CK, _exact_target_entries(logp_target_CK, grad_CK, ids_CK).to(out_dtype))
+
+
+def _exact_target_entries(logp_target_CK: torch.Tensor, grad_CK: torch.Tensor, ids_CK: torch.Tensor) -> torch.Tensor:
+    """dlogits at the K targets in full precision: every g[c,j] whose id equals ids[c,k] (ids may repeat), minus
+    p[c, ids[c,k]] · Σ_j g[c,j], with p from the fp32 log-prob.   → [C,K]"""
     same_id_CKK = ids_CK.unsqueeze(-1) == ids_CK.unsqueeze(-2)
     target_grad_CK = (same_id_CKK.to(grad_CK.dtype) * grad_CK.unsqueeze(-2)).sum(-1)
-    p_target_CK = (logits_CV.gather(-1, ids_CK) - lse_C.unsqueeze(-1)).exp()
-    return dense_CV.scatter(-1, ids_CK, (target_grad_CK - p_target_CK * grad_sum_C1).to(out_dtype))
+    return target_grad_CK - logp_target_CK.exp() * grad_CK.sum(-1, keepdim=True)
 
 
 def chunk_logprobs_and_probs(logits_CV: torch.Tensor, ids_CK: torch.Tensor, probs_dtype: torch.dtype
@@ -122,11 +127,8 @@ def chunk_dlogits_from_probs(probs_CV: torch.Tensor, logprobs_CK: torch.Tensor, 
 
     The dense part uses the stored p (one more rounding than the recompute: p itself was rounded); the K target
     entries use p = exp(logp) from the fp32 log-probs, exact as in chunk_dlogits (no cancellation at p → 1)."""
-    grad_sum_C1 = grad_CK.sum(-1, keepdim=True)
-    dense_CV = (probs_CV.to(grad_CK.dtype) * -grad_sum_C1).to(out_dtype)
-    same_id_CKK = ids_CK.unsqueeze(-1) == ids_CK.unsqueeze(-2)
-    target_grad_CK = (same_id_CKK.to(grad_CK.dtype) * grad_CK.unsqueeze(-2)).sum(-1)
-    return dense_CV.scatter(-1, ids_CK, (target_grad_CK - logprobs_CK.exp() * grad_sum_C1).to(out_dtype))
+    dense_CV = (probs_CV.to(grad_CK.dtype) * -grad_CK.sum(-1, keepdim=True)).to(out_dtype)
+    return dense_CV.scatter(-1, ids_CK, _exact_target_entries(logprobs_CK, grad_CK, ids_CK).to(out_dtype))
 
 
 def _chunk_dlogits_in_place(logits_CV, lse_C, grad_CK, ids_CK, out_dtype):
@@ -145,6 +147,10 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True)     # on first use: importing torch._dynamo costs CPU processes start-up
 
 
+def _on_device(fn, tensor: torch.Tensor):
+    return _compiled(fn) if tensor.is_cuda else fn
+
+
 def _logprobs_step(logits_CV: torch.Tensor):
     return _on_device(chunk_logprobs, logits_CV)
 
@@ -153,10 +159,6 @@ def _dlogits_step(logits_CV: torch.Tensor, out_dtype: torch.dtype):
     if logits_CV.is_cuda:
         return _compiled(chunk_dlogits)
     return _chunk_dlogits_in_place if out_dtype == logits_CV.dtype else chunk_dlogits
-
-
-def _on_device(fn, tensor: torch.Tensor):
-    return _compiled(fn) if tensor.is_cuda else fn
 
 
 class _ChunkedLogprobsAt(torch.autograd.Function):

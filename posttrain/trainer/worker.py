@@ -362,9 +362,11 @@ class TrainerRank:
                      for micro_batch in self.packed_micro_batches(prompts, responses)]
         else:
             parts = [(list(range(s, min(s + mb, len(prompts)))), None) for s in range(0, len(prompts), mb)]
+        hold_gathered = self.settings.fsdp and self.settings.keep_weights_gathered
+        if hold_gathered:
+            from posttrain.trainer.fsdp import hold_gathered_weights
         for n, (idx, micro_batch) in enumerate(parts):
-            if micro_batch is not None and self.settings.keep_weights_gathered:
-                from posttrain.trainer.fsdp import hold_gathered_weights
+            if hold_gathered:
                 hold_gathered_weights(self.model, hold=n < len(parts) - 1)   # freed after the last backward
             part = {k: v[idx] for k, v in arrays.items()}
             if micro_batch is not None:
