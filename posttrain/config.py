@@ -141,9 +141,12 @@ class TrainerConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     fsdp: bool = Field(False, description="FSDP2: parameters, gradients and AdamW state sharded over the trainer "
                        "ranks, fp32 master weights with model.dtype as the compute dtype, padding-free packed "
-                       "micro-batches of at most `token_budget` tokens, sharded (reshardable) checkpoints. GSPO "
-                       "and GRPO; required for bfloat16/float16 (without fp32 masters lr-1e-6 updates round away).")
-    token_budget: int = Field(16384, ge=1, description="With fsdp: tokens per packed micro-batch (dynamic batch size).")
+                       "micro-batches of at most `token_budget` tokens (vision-language models: right-padded "
+                       "micro-batches of `micro_batch_size` sequences), sharded (reshardable) checkpoints. GSPO, "
+                       "GRPO and MOPD; required for bfloat16/float16 (without fp32 masters lr-1e-6 updates round "
+                       "away).")
+    token_budget: int = Field(16384, ge=1, description="With fsdp: tokens per packed micro-batch (dynamic batch size). "
+                              "Text models only.")
     activation_checkpointing: bool = Field(False, description="With fsdp: recompute decoder layers in backward.")
     cpu_offload: bool = Field(False, description="With fsdp: sharded parameters, gradients and optimizer state in "
                               "CPU memory (AdamW then runs on the CPU).")
@@ -153,10 +156,11 @@ class TrainerConfig(_Strict):
     compile_layers: bool = Field(False, description="With fsdp: torch.compile each decoder layer (one shared "
                                  "dynamic-shape graph; fuses the norms, RoPE and SwiGLU: +20–58% update tokens/s on "
                                  "an H200, benchmarks/TRAINER_GPU.md). The first steps pay the compile; set "
-                                 "pad_to_multiple so that few row lengths exist.")
+                                 "pad_to_multiple so that few row lengths exist. Text models only.")
     pad_to_multiple: int = Field(1, ge=1, description="With fsdp: round each packed row up to a multiple of this "
                                  "many tokens (a filler segment, never scored): with compile_layers, fewer distinct "
-                                 "shapes and so fewer recompiles. token_budget must be a multiple of it.")
+                                 "shapes and so fewer recompiles. token_budget must be a multiple of it. Text models "
+                                 "only.")
     keep_weights_gathered: bool = Field(False, description="With fsdp: keep each rank's compute-dtype copy of the "
                                         "weights gathered through a whole optimizer step (no re-gather in backward "
                                         "or between micro-batches): faster, + one compute-dtype copy of the model "
@@ -608,7 +612,47 @@ def load_recipe(path: str, overrides: list[str] | None = None, *, check_files: b
     recipe = parse_recipe(tree, path)
     if check_files:
         check_recipe_files(recipe)
+        check_model_options(recipe)
     return recipe
+
+
+# The trainer options of packed micro-batches, which the FSDP path of a vision-language model (right-padded
+# micro-batches of trainer.micro_batch_size sequences) has not: field → what it does.
+_PACKED_ROW_OPTIONS = {
+    "token_budget": "sizes the packed micro-batches of text models",
+    "pad_to_multiple": "rounds packed rows up to a multiple of it",
+    "compile_layers": "compiles the decoder layers for packed rows, whose shapes pad_to_multiple keeps few",
+}
+
+
+def vision_language_fsdp_problems(trainer) -> list[str]:
+    """The packed-row options set away from their defaults on `trainer` (a TrainerConfig, or anything with its
+    field names): with trainer.fsdp a vision-language model would not honour them, so they are refused, not
+    ignored. One message per field, naming it and the fix."""
+    problems = []
+    for name, what in _PACKED_ROW_OPTIONS.items():
+        value = getattr(trainer, name)
+        if value != TrainerConfig.model_fields[name].default:
+            problems.append(f"`trainer.{name}` = {value} {what}; a vision-language model trains with trainer.fsdp "
+                            f"on right-padded micro-batches of trainer.micro_batch_size sequences, not packed rows: "
+                            f"drop trainer.{name}" + (" and size micro-batches with trainer.micro_batch_size"
+                                                       if name == "token_budget" else ""))
+    return problems
+
+
+def check_model_options(recipe: Recipe) -> None:
+    """The checks that need the model's own config (model.path/config.json; a missing one is check_recipe_files'
+    to report): a vision-language model with trainer.fsdp refuses the packed-row options."""
+    try:
+        with open(os.path.join(recipe.model.path, "config.json")) as f:
+            model_config = json.load(f)
+    except (OSError, ValueError):
+        return
+    if recipe.trainer.fsdp and isinstance(model_config, dict) and "vision_config" in model_config:
+        problems = vision_language_fsdp_problems(recipe.trainer)
+        if problems:
+            raise RecipeError(f"model.path {recipe.model.path!r} is a vision-language model (its config has a "
+                              "vision_config):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def check_recipe_files(recipe: Recipe) -> None:

@@ -54,8 +54,9 @@ class PolicyGradientObjective:
         return self._loss(rank.logprobs(batch), old, mask, arrays, rank.device)
 
     def packed_loss(self, rank, micro_batch, arrays):
-        """The same loss on one packed row (FSDP mode): per-sequence log-probs padded to [S,T] in packed order;
-        `arrays` are already in that order. Each sequence still counts once."""
+        """The same loss on one FSDP micro-batch (rank.fsdp_micro_batches: a packed text row, or right-padded
+        vision-language rows): per-sequence log-probs padded to [S,T] in its order; `arrays` are already in that
+        order. Each sequence still counts once."""
         from posttrain.trainer.packing import pad_per_sequence
 
         lengths = micro_batch.response_lengths
@@ -98,17 +99,16 @@ class MOPDObjective:
         return self._loss(batch, cand_logprobs, sampled)
 
     def packed_loss(self, rank, micro_batch, arrays):
-        """The same loss on one packed row (FSDP mode): the candidates' and the sampled tokens' log-probs from one
-        LM-head pass inside FSDP's gathered forward, padded back to [S,T,k] / [S,T] in packed order; `arrays` are
-        already in that order. Each sequence still counts once."""
-        from posttrain.trainer.packing import packed_candidate_logprobs, pad_per_sequence
+        """The same loss on one FSDP micro-batch (rank.fsdp_micro_batches): the candidates' and the sampled
+        tokens' log-probs from one LM-head pass inside FSDP's gathered forward, padded back to [S,T,k] / [S,T] in its
+        order; `arrays` are already in that order. Each sequence still counts once."""
+        from posttrain.trainer.packing import pad_per_sequence
 
         lengths = micro_batch.response_lengths
         k = arrays["cand_ids"].shape[-1]
         cand_ids_RK = torch.as_tensor(np.concatenate([arrays["cand_ids"][s, :n] for s, n in enumerate(lengths)])
                                       if lengths else np.zeros((0, k), dtype=np.int64), dtype=torch.long)
-        logprobs_RK1 = packed_candidate_logprobs(rank.model, micro_batch, cand_ids_RK,
-                                                 rank.settings.logprob_chunk_size)                    # [R,k+1]
+        logprobs_RK1 = rank.packed_candidate_logprobs(micro_batch, cand_ids_RK)                        # [R,k+1]
         if not lengths:   # a dummy row that keeps FSDP's collectives in step: zero loss, zero gradients
             return logprobs_RK1.sum() * 0.0, {}
         cand_logprobs, mask = pad_per_sequence(logprobs_RK1[:, :k], lengths)                           # [S,T,k]

@@ -172,18 +172,34 @@ class TrainerRank:
         opt = s.optimizer
         self.processor = None
         if hasattr(AutoConfig.from_pretrained(s.model_path), "vision_config"):   # a vision-language model
-            if s.fsdp:
-                raise ValueError("trainer.fsdp is not available for vision-language models yet; use trainer.fsdp: "
-                                 "false")
             from posttrain.vl.logprobs import set_vision_trainable   # (imports the torchvision shim first)
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(s.model_path)
-            self.model = AutoModelForImageTextToText.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(
-                self.device)
-            set_vision_trainable(self.model, s.train_vision)
-            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opt.lr,
-                                               betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+            if s.fsdp:
+                from posttrain.config import vision_language_fsdp_problems
+                from posttrain.vl.fsdp import build_trainable_optimizer, shard_vl_model
+
+                problems = vision_language_fsdp_problems(s)
+                if problems:      # (the recipe check refuses these first; settings built by hand land here)
+                    raise ValueError("; ".join(problems))
+                self.model = AutoModelForImageTextToText.from_pretrained(s.model_path, dtype=torch.float32).to(
+                    self.device)
+                set_vision_trainable(self.model, s.train_vision)   # before sharding: the shards copy requires_grad
+                shard_vl_model(self.model, compute_dtype=None if s.dtype == "float32" else _DTYPES[s.dtype],
+                               activation_checkpointing=s.activation_checkpointing, cpu_offload=s.cpu_offload,
+                               reshard_after_forward=not s.keep_weights_gathered,
+                               lm_head_store_probs=s.lm_head_store_probs)
+                self.optimizer = build_trainable_optimizer(self.model, lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                                           weight_decay=opt.weight_decay,
+                                                           offload_moments=s.optimizer_offload)
+            else:
+                self.model = AutoModelForImageTextToText.from_pretrained(s.model_path, dtype=_DTYPES[s.dtype]).to(
+                    self.device)
+                set_vision_trainable(self.model, s.train_vision)
+                self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                                   lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                                   weight_decay=opt.weight_decay)
         elif s.fsdp:
             from posttrain.trainer.fsdp import build_optimizer, shard_model
 
@@ -212,13 +228,19 @@ class TrainerRank:
         expanded into its tokens (posttrain.vl.logprobs.prepare_vl_sequence) with the pixels, as vLLM saw them."""
         if self.processor is None:
             return pack_sequences(prompts, responses, self.pad_id), [len(p) for p in prompts]
+        from posttrain.vl.logprobs import pack_vl_sequences
+
+        seqs = self.vl_sequences(prompts, responses, mm_prompts)
+        return pack_vl_sequences(seqs, self.pad_id), [s.prompt_len for s in seqs]
+
+    def vl_sequences(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None) -> list:
+        """Each (prompt, response) expanded with its media (posttrain.vl.logprobs.prepare_vl_sequence)."""
         from posttrain.vl.inputs import MultimodalPrompt
-        from posttrain.vl.logprobs import pack_vl_sequences, prepare_vl_sequence
+        from posttrain.vl.logprobs import prepare_vl_sequence
 
         mm_prompts = mm_prompts or [None] * len(prompts)
-        seqs = [prepare_vl_sequence(self.processor, self.model.config, mm if mm is not None else MultimodalPrompt(p),
+        return [prepare_vl_sequence(self.processor, self.model.config, mm if mm is not None else MultimodalPrompt(p),
                                     r) for p, r, mm in zip(prompts, responses, mm_prompts)]
-        return pack_vl_sequences(seqs, self.pad_id), [s.prompt_len for s in seqs]
 
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log πθ of every next token of a packed batch: [N, L-1] (see pack_sequences)."""
@@ -278,13 +300,52 @@ class TrainerRank:
         return pack_batch(prompts, responses, self.settings.token_budget, min_micro_batches=count,
                           pad_to_multiple=self.settings.pad_to_multiple)
 
+    def fsdp_micro_batches(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
+                           ) -> list:
+        """FSDP mode: this rank's micro-batches, as many as every other rank's — packed token-budget rows for a text
+        model, right-padded rows of micro_batch_size sequences with their media for a vision-language model."""
+        if self.processor is None:
+            return self.packed_micro_batches(prompts, responses)
+        from posttrain.vl.fsdp import plan_vl_micro_batches
+
+        return plan_vl_micro_batches(self.model, self.vl_sequences(prompts, responses, mm_prompts),
+                                     self.settings.micro_batch_size, self.pad_id, device=self._collective_device)
+
+    @property
+    def _collective_device(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
     def packed_logprobs(self, micro_batch) -> list[torch.Tensor]:
-        """log πθ of each packed sequence's response tokens (differentiable), in packed order."""
-        from posttrain.trainer.packing import packed_response_logprobs
-        flat = packed_response_logprobs(self.model, micro_batch, self.settings.logprob_chunk_size)
+        """log πθ of each sequence's response tokens of a `fsdp_micro_batches` micro-batch (differentiable), in its
+        order."""
+        if self.processor is None:
+            from posttrain.trainer.packing import packed_response_logprobs
+            flat = packed_response_logprobs(self.model, micro_batch, self.settings.logprob_chunk_size)
+        else:
+            from posttrain.vl.fsdp import vl_response_logprobs
+            flat = vl_response_logprobs(self.model, micro_batch, self.settings.logprob_chunk_size)
         # A dummy row (no sequences) still ran the forward, so FSDP's collectives stayed in step; its [0] output
         # is kept so that a loss of 0·Σ still runs the backward's collectives too.
         return list(flat.split(micro_batch.response_lengths)) if micro_batch.response_lengths else [flat]
+
+    def packed_candidate_logprobs(self, micro_batch, candidate_ids_RK: torch.Tensor) -> torch.Tensor:
+        """MOPD's log πθ at K candidates per response token, then of the sampled token: [R,K+1], differentiable, on
+        a `fsdp_micro_batches` micro-batch (the LM head inside FSDP's gathered forward)."""
+        chunk = self.settings.logprob_chunk_size
+        if self.processor is None:
+            from posttrain.trainer.packing import packed_candidate_logprobs
+            return packed_candidate_logprobs(self.model, micro_batch, candidate_ids_RK, chunk)
+        from posttrain.vl.fsdp import vl_candidate_logprobs
+        return vl_candidate_logprobs(self.model, micro_batch, candidate_ids_RK, chunk)
+
+    def packed_topk(self, micro_batch, k: int):
+        """(top-k ids [R,k], their log-probs [R,k], log π(y_t) [R]) of a `fsdp_micro_batches` micro-batch."""
+        chunk = self.settings.logprob_chunk_size
+        if self.processor is None:
+            from posttrain.trainer.packing import packed_topk
+            return packed_topk(self.model, micro_batch, k, chunk)
+        from posttrain.vl.fsdp import vl_topk
+        return vl_topk(self.model, micro_batch, k, chunk)
 
     @torch.no_grad()
     def compute_logprobs(self, prompts: list[list[int]], responses: list[list[int]], mm_prompts: list | None = None
@@ -294,7 +355,7 @@ class TrainerRank:
         self.model.eval()
         if self.settings.fsdp:
             out_by_index: dict[int, list[float]] = {}
-            for micro_batch in self.packed_micro_batches(prompts, responses):
+            for micro_batch in self.fsdp_micro_batches(prompts, responses, mm_prompts):
                 for i, lp in zip(micro_batch.sequence_indices, self.packed_logprobs(micro_batch)):
                     out_by_index[i] = lp.float().cpu().tolist()
             self.release_gathered_weights()
@@ -320,12 +381,10 @@ class TrainerRank:
         mm_prompts = self.resolve_media(mm_prompts)
         self.model.eval()
         mb, chunk = self.settings.micro_batch_size, self.settings.logprob_chunk_size
-        if self.settings.fsdp:   # packed rows; the LM head runs inside FSDP's gathered forward
-            from posttrain.trainer.packing import packed_topk
-
+        if self.settings.fsdp:   # the LM head runs inside FSDP's gathered forward
             by_index = {}
-            for micro_batch in self.packed_micro_batches(prompts, responses):
-                ids, lps, tok = packed_topk(self.model, micro_batch, k, chunk)
+            for micro_batch in self.fsdp_micro_batches(prompts, responses, mm_prompts):
+                ids, lps, tok = self.packed_topk(micro_batch, k)
                 ids, lps, tok = ids.cpu().numpy().astype(np.int32), lps.float().cpu().numpy(), tok.float().cpu().numpy()
                 bounds = np.cumsum(micro_batch.response_lengths)[:-1]      # one transfer per row, then split
                 for i, a, b, c in zip(micro_batch.sequence_indices, np.split(ids, bounds), np.split(lps, bounds),
@@ -357,9 +416,9 @@ class TrainerRank:
         mb = self.settings.micro_batch_size
         metrics_sum: dict[str, float] = {}
         n_sequences = 0
-        if self.settings.fsdp:   # packed token-budget micro-batches (the objective's packed_loss)
+        if self.settings.fsdp:   # micro-batches that score response rows only (the objective's packed_loss)
             parts = [(micro_batch.sequence_indices, micro_batch)
-                     for micro_batch in self.packed_micro_batches(prompts, responses)]
+                     for micro_batch in self.fsdp_micro_batches(prompts, responses, mm_prompts)]
         else:
             parts = [(list(range(s, min(s + mb, len(prompts)))), None) for s in range(0, len(prompts), mb)]
         hold_gathered = self.settings.fsdp and self.settings.keep_weights_gathered
@@ -431,19 +490,30 @@ class TrainerRank:
         """The trainer's side of the weight-sync canary: log p(x_t | x_<t), t ≥ 1, of the canary sequence (a
         MultimodalPrompt for a vision-language run: positions of the expanded prompt, as the engine reports)."""
         self.model.eval()
+        if self.settings.fsdp:    # every rank runs it (the forward all-gathers the shards)
+            logprobs = self.packed_logprobs(self.canary_micro_batch(token_ids))[0].float().cpu().tolist()
+            self.release_gathered_weights()
+            return logprobs
         if self.processor is not None:
             from posttrain.vl.inputs import MultimodalPrompt
             from posttrain.vl.logprobs import vl_canary_logprobs
             prompt = token_ids if isinstance(token_ids, MultimodalPrompt) else MultimodalPrompt(list(token_ids))
             return vl_canary_logprobs(self.model, self.processor, prompt)
-        if self.settings.fsdp:    # every rank runs it (the forward all-gathers the shards)
-            from posttrain.trainer.packing import pack_micro_batch
-            micro_batch = pack_micro_batch([token_ids[:1]], [token_ids[1:]], [0])
-            logprobs = self.packed_logprobs(micro_batch)[0].float().cpu().tolist()
-            self.release_gathered_weights()
-            return logprobs
         batch = pack_sequences([token_ids[:1]], [token_ids[1:]], self.pad_id)
         return self.logprobs(batch)[0].float().cpu().tolist()
+
+    def canary_micro_batch(self, token_ids):
+        """FSDP mode: the canary sequence as one micro-batch scoring every position t ≥ 1 (for a vision-language
+        model the positions of the expanded prompt, its media in)."""
+        if self.processor is None:
+            from posttrain.trainer.packing import pack_micro_batch
+            return pack_micro_batch([token_ids[:1]], [token_ids[1:]], [0])
+        from posttrain.vl.fsdp import plan_vl_micro_batches
+        from posttrain.vl.inputs import MultimodalPrompt
+
+        prompt = token_ids if isinstance(token_ids, MultimodalPrompt) else MultimodalPrompt(list(token_ids))
+        sequence = dataclasses.replace(self.vl_sequences([prompt.token_ids], [[]], [prompt])[0], prompt_len=1)
+        return plan_vl_micro_batches(self.model, [sequence], 1, self.pad_id, device=self._collective_device)[0]
 
     def parameter_checksum(self) -> float:
         return float(sum(p.detach().double().abs().sum() for p in self.model.parameters()))
@@ -505,7 +575,8 @@ class TrainerRank:
     def save_hf(self, directory: str) -> None:
         if self.settings.fsdp:   # a collective: the full weights are gathered to rank 0, which writes them
             from posttrain.trainer.dcp import save_hf_model
-            save_hf_model(self.model, directory, dtype=_DTYPES[self.settings.dtype], tokenizer=self.tokenizer)
+            save_hf_model(self.model, directory, dtype=_DTYPES[self.settings.dtype],
+                          tokenizer=self.processor or self.tokenizer)
             return
         if self.rank == 0:
             self.model.save_pretrained(directory, safe_serialization=True)

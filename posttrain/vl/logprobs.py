@@ -88,6 +88,13 @@ def vl_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The VLM body's final hidden states [N, L, H] of a pack_vl_sequences batch: its pixels in the LM head's dtype
     and explicit 3-D rotary positions (vl_position_ids), so that the engine's positions are reproduced. The
     vision tower runs inside the body; whether it gets gradients is set_vision_trainable's business."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        # The body called directly runs none of the root unit's hooks: its parameters would be the shards.
+        raise TypeError("vl_hidden_states calls the body of an unsharded model; for a model sharded by "
+                        "posttrain.vl.fsdp.shard_vl_model use posttrain.vl.fsdp's passes (vl_response_logprobs, "
+                        "vl_candidate_logprobs, vl_topk), which run inside FSDP's gathered forward")
     lm_head = model.get_output_embeddings()
     inputs = {k: v.to(lm_head.weight.device) for k, v in batch.items() if k != "response_mask"}
     for key in ("pixel_values", "pixel_values_videos"):
