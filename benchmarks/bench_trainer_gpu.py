@@ -84,6 +84,9 @@ def main() -> None:
                     help="with --keep-gathered: also keep the weights gathered between micro-batches")
     ap.add_argument("--store-probs", action="store_true",
                     help="the LM head keeps p [R,V] in bf16 for the backward instead of recomputing the logits")
+    ap.add_argument("--reduce-once", action="store_true",
+                    help="accumulate gradients unsharded (fp32), reduce after the step's last micro-batch only")
+    ap.add_argument("--attention", default="flash", help="packed-attention kernel (packing.VARLEN_BACKENDS)")
     ap.add_argument("--optim-offload", action="store_true", help="AdamW moments in pinned host memory, streamed")
     ap.add_argument("--pad-to", type=int, default=1, help="round each packed row up to a multiple (compile)")
     ap.add_argument("--steps", type=int, default=3)
@@ -108,7 +111,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     shard_model(model, compute_dtype=torch.bfloat16, activation_checkpointing=args.ac,
                 checkpoint_every=args.ac_every, compile_layers=args.compile,
-                reshard_after_forward=not args.keep_gathered, lm_head_store_probs=args.store_probs)
+                reshard_after_forward=not args.keep_gathered, lm_head_store_probs=args.store_probs,
+                attention_backend=args.attention)
     optimizer = build_optimizer(model, lr=1e-6, offload_moments=args.optim_offload)
     model.train()
     torch.cuda.empty_cache()
@@ -121,7 +125,7 @@ def main() -> None:
         torch.cuda.synchronize()
         dist.barrier()
         start = time.perf_counter()
-        grad_norm, optim_s = train_step(model, optimizer, batch, args.chunk, args.hold_gathered)
+        grad_norm, optim_s = train_step(model, optimizer, batch, args.chunk, args.hold_gathered, args.reduce_once)
         elapsed = time.perf_counter() - start
         if step > 0:
             times.append(elapsed)
@@ -133,7 +137,7 @@ def main() -> None:
                   f"{[mb.num_tokens for mb in batch.micro_batches]}, grad_norm {grad_norm:.3f}", flush=True)
     if args.profile and rank == 0:
         profile_one_step(args.profile, lambda: train_step(model, optimizer, next_batch(args, gen, config, rank, world),
-                                                          args.chunk, args.hold_gathered))
+                                                          args.chunk, args.hold_gathered, args.reduce_once))
     step_s = sum(times) / len(times)
     tokens = sum(step_tokens) / len(step_tokens)
     result = {
@@ -141,12 +145,12 @@ def main() -> None:
         "token_budget": args.token_budget, "pad_to": args.pad_to,
         "activation_checkpointing": args.ac, "ac_every": args.ac_every,
         "compile": args.compile, "keep_gathered": args.keep_gathered, "hold_gathered": args.hold_gathered,
-        "store_probs": args.store_probs, "optim_offload": args.optim_offload,
+        "store_probs": args.store_probs, "reduce_once": args.reduce_once, "optim_offload": args.optim_offload,
         "step_s": round(step_s, 3), "clip_and_adamw_s": round(sum(optim_times) / len(optim_times), 3), "tokens_per_s": round(tokens / step_s),
         "mfu": round(sum(flops_per_step) / sum(times) / (PEAK_BF16_FLOPS * world), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "attention": "varlen_attn" if varlen_kernel_available() else "sdpa per sequence",
+        "attention": args.attention if varlen_kernel_available() else "sdpa per sequence",
         "torch": torch.__version__, "device": torch.cuda.get_device_name(),
     }
     if rank == 0:
@@ -182,9 +186,11 @@ def next_batch(args, gen: torch.Generator, config, rank: int, world: int) -> Ste
     return StepBatch(micro_batches, torch.randn(len(prompts), generator=gen), n_global, flops, sum(seq_lens))
 
 
-def train_step(model, optimizer, batch: StepBatch, chunk: int, hold_gathered: bool) -> tuple[float, float]:
+def train_step(model, optimizer, batch: StepBatch, chunk: int, hold_gathered: bool,
+               reduce_once: bool = False) -> tuple[float, float]:
     """Forward/backward over every packed row, clip, AdamW: (gradient norm, seconds of clip + AdamW).
-    hold_gathered: the weights stay gathered between micro-batches too (fsdp.hold_gathered_weights)."""
+    hold_gathered: the weights stay gathered between micro-batches too (fsdp.hold_gathered_weights).
+    reduce_once: gradients accumulate unsharded in fp32 and are reduced after the last micro-batch only."""
     from posttrain.algorithms.gspo import gspo_loss
     from posttrain.trainer.fsdp import clip_grad_norm, hold_gathered_weights
     from posttrain.trainer.packing import packed_response_logprobs, pad_per_sequence
@@ -192,6 +198,8 @@ def train_step(model, optimizer, batch: StepBatch, chunk: int, hold_gathered: bo
     for n, mb in enumerate(batch.micro_batches):
         if hold_gathered:
             hold_gathered_weights(model, hold=n < len(batch.micro_batches) - 1)
+        if reduce_once:
+            model.set_requires_gradient_sync(n == len(batch.micro_batches) - 1)
         logprobs, mask = pad_per_sequence(packed_response_logprobs(model, mb, chunk), mb.response_lengths)
         loss, _ = gspo_loss(logprobs, logprobs.detach(), batch.advantages[mb.sequence_indices].cuda(), mask)
         (loss * (len(mb.sequence_indices) / batch.n_global)).backward()
@@ -204,7 +212,9 @@ def train_step(model, optimizer, batch: StepBatch, chunk: int, hold_gathered: bo
     return float(grad_norm), time.perf_counter() - optim_start
 
 
-KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")), ("attention", ("flash", "fmha")),
+# attention first: flash-attention kernels carry "cutlass" in their template names
+KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "cudnn")),
+                ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
                 ("compiled element-wise (triton)", ("triton_",)), ("copy / cast", ("copy", "cast", "Memcpy", "memcpy")),
                 ("collective", ("nccl",)), ("reduction / softmax", ("reduce", "softmax", "logsumexp")))
 

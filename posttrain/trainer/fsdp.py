@@ -23,8 +23,8 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
                                     register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 
-from posttrain.trainer.packing import (HEAD_LOGPROBS_METHOD, LM_HEAD_STORES_PROBS, PACKED_FORWARD_METHOD,
-                                       _lm_head_outputs, _packed_forward, use_varlen_attention)
+from posttrain.trainer.packing import (DEFAULT_VARLEN_BACKEND, HEAD_LOGPROBS_METHOD, LM_HEAD_STORES_PROBS,
+                                       PACKED_FORWARD_METHOD, _lm_head_outputs, _packed_forward, use_varlen_attention)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -41,7 +41,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compute_dtype: torch.dtype | None = None,
                 activation_checkpointing: bool = False, checkpoint_every: int = 1, cpu_offload: bool = False,
                 reshard_after_forward: bool = True, compile_layers: bool = False,
-                lm_head_store_probs: bool = False) -> torch.nn.Module:
+                lm_head_store_probs: bool = False, attention_backend: str = DEFAULT_VARLEN_BACKEND) -> torch.nn.Module:
     """Shard `model` in place with FSDP2 over `mesh` (default: all ranks of the default process group).
 
     compute_dtype: dtype of the all-gathered parameters used in forward/backward (None: the stored dtype, e.g.
@@ -54,6 +54,7 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
     layers share one compiled graph; FSDP's hooks stay eager). lm_head_store_probs: the LM head keeps the
     response tokens' probabilities [R,V] in the compute dtype from forward to backward instead of recomputing the
     logits (R·V·2 more bytes per micro-batch in bf16; a third of the LM head's FLOPs saved).
+    attention_backend: the CUDA kernel of packed attention (packing.VARLEN_BACKENDS).
     Also switches the model to packed-sequence attention (packing.py) and registers the packed log-prob forward
     as an FSDP forward method. Returns the model (now an FSDPModule)."""
     if model.dtype != torch.float32 and compute_dtype is not None:
@@ -63,7 +64,7 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
         device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     model.config.use_cache = False
-    use_varlen_attention(model)
+    use_varlen_attention(model, attention_backend)
     if activation_checkpointing:
         # Non-reentrant checkpointing inside each layer's __call__; FSDP's hooks gather the layer again on recompute.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

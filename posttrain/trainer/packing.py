@@ -9,9 +9,9 @@ Right-padding a batch of ragged sequences spends compute on pad tokens (half of 
 
 Attention never crosses sequences: the model runs with the attention implementation registered below
 (`VARLEN_ATTENTION`), which takes `cu_seq_lens_q/k` and `max_length_q/k` (the keyword names transformers'
-flash-attention path uses) and computes causal attention per sequence: PyTorch's flash-attention varlen kernel
-(`torch.nn.attention.varlen.varlen_attn`) on CUDA, one `scaled_dot_product_attention(is_causal=True)` per
-sequence elsewhere (exact, the CPU reference). No [T,T] mask is ever built.
+flash-attention path uses) and computes causal attention per sequence: PyTorch's flash-attention-2 varlen kernel
+on CUDA (`varlen_causal_attention`; grouped-query K/V read in place), one `scaled_dot_product_attention(
+is_causal=True)` per sequence elsewhere (exact, the CPU reference). No [T,T] mask is ever built.
 
 Only response tokens are scored: the hidden state at position t predicts token t+1, so the log-prob rows are the
 positions just before each response token, and the LM head + log-softmax runs on those rows only, chunk by chunk
@@ -287,19 +287,40 @@ def packed_topk(model: torch.nn.Module, micro_batch: PackedMicroBatch, k: int, c
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
-try:  # PyTorch's flash-attention varlen kernel (CUDA); its keyword spellings differ across torch versions
+try:  # PyTorch's public varlen wrapper (flash attention; K/V repeated to the query heads where it lacks GQA)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
     _VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters)
 except ImportError:
     _varlen_attn, _VARLEN_PARAMS = None, frozenset()
 
+# The CUDA kernels packed attention can run on (benchmarks/bench_attention_gpu.py compares them on ragged rows):
+#   "flash"        aten's flash-attention-2 varlen kernel called directly: grouped-query K/V are read as they are
+#                  (Qwen3-4B shapes on an H200: forward + backward 1.95 ms per 13K-token row, 5.5 GiB less peak)
+#   "torch_varlen" torch.nn.attention.varlen.varlen_attn, the same kernel behind a wrapper that (before torch 2.12)
+#                  has no grouped-query support, so K/V are first repeated to every query head (2.2 ms)
+# cuDNN's ragged attention (aten._cudnn_attention_forward with offsets) was measured too and is not offered: with
+# grouped-query heads it ran at 1.4 TFLOP/s and its gradients did not match the reference
+# (benchmarks/attention_h200.json).
+VARLEN_BACKENDS = ("flash", "torch_varlen")
+DEFAULT_VARLEN_BACKEND = "flash"
+VARLEN_BACKEND_ATTR = "posttrain_varlen_backend"     # set on each attention module by use_varlen_attention
+
 
 def varlen_kernel_available() -> bool:
-    return _varlen_attn is not None
+    return hasattr(torch.ops.aten, "_flash_attention_forward") or _varlen_attn is not None
 
 
-def _cuda_varlen_attention(q_THD, k_THD, v_THD, cu, max_len, scale):
-    """Causal flash attention within each [cu[i], cu[i+1]) segment.  [T,H,D] → [T,Hq,D]"""
+def varlen_causal_attention(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, cu: torch.Tensor,
+                            max_len: int, scale: float, backend: str = DEFAULT_VARLEN_BACKEND) -> torch.Tensor:
+    """Causal attention within each [cu[i], cu[i+1]) segment on CUDA.  q [T,Hq,D], k/v [T,Hkv,D] → [T,Hq,D]
+
+    aten's flash kernel is differentiable (its backward is registered with autograd) and traceable by
+    torch.compile; cu is int32 on the device."""
+    if backend == "flash":
+        return torch.ops.aten._flash_attention_forward(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, 0.0, True,
+                                                       False, scale=scale)[0]
+    if backend != "torch_varlen":
+        raise ValueError(f"unknown packed-attention backend {backend!r}; one of {VARLEN_BACKENDS}")
     kwargs = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}  # (-1, 0) = causal
     if "scale" in _VARLEN_PARAMS:
         kwargs["scale"] = scale
@@ -324,8 +345,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("packed attention supports one packed row, no sliding window and no attention dropout")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_THD, k_THD, v_THD = (t[0].transpose(0, 1) for t in (query, key, value))
-    if q_THD.is_cuda and q_THD.dtype in (torch.bfloat16, torch.float16) and _varlen_attn is not None:
-        out_THD = _cuda_varlen_attention(q_THD, k_THD, v_THD, cu_seq_lens_q.to(torch.int32), int(max_length_q), scale)
+    if q_THD.is_cuda and q_THD.dtype in (torch.bfloat16, torch.float16) and varlen_kernel_available():
+        out_THD = varlen_causal_attention(q_THD, k_THD, v_THD, cu_seq_lens_q.to(torch.int32), int(max_length_q),
+                                          scale, getattr(module, VARLEN_BACKEND_ATTR, DEFAULT_VARLEN_BACKEND))
     else:
         bounds = cu_seq_lens_q.tolist()
         pieces = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
@@ -343,8 +365,14 @@ def register_varlen_attention() -> None:
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
 
 
-def use_varlen_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a loaded HF model to packed-sequence attention (in place); returns it."""
+def use_varlen_attention(model: torch.nn.Module, backend: str = DEFAULT_VARLEN_BACKEND) -> torch.nn.Module:
+    """Switch a loaded HF model to packed-sequence attention (in place); returns it. backend: the CUDA kernel
+    (VARLEN_BACKENDS; CPU always computes per sequence)."""
+    if backend not in VARLEN_BACKENDS:
+        raise ValueError(f"unknown packed-attention backend {backend!r}; one of {VARLEN_BACKENDS}")
     register_varlen_attention()
     model.set_attn_implementation(VARLEN_ATTENTION)
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "scaling"):      # an attention module
+            setattr(module, VARLEN_BACKEND_ATTR, backend)
     return model
