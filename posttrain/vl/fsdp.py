@@ -59,6 +59,7 @@ def shard_vl_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, co
         device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     model.config.use_cache = False
+    model.config.get_text_config().use_cache = False   # the flag the body reads: no K/V cache built in training passes
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),
