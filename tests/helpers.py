@@ -98,3 +98,12 @@ def surviving(marker: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def file_rendezvous(directory: str, name: str) -> str:
+    """An init_method for torch.distributed through a fresh file in `directory`: no TCP port is picked and then
+    bound later by rank 0, so nothing else on the machine (a Ray worker, another test's ranks) can take it in
+    between (a free-port probe closed before the bind is a race)."""
+    import uuid
+
+    return "file://" + os.path.join(directory, f"rendezvous-{name}-{uuid.uuid4().hex}")

@@ -15,11 +15,12 @@ Three process groups are spawned once for the module (~30 s on 2 busy cores):
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.helpers import file_rendezvous
 
 pytestmark = pytest.mark.integration
 
@@ -93,16 +94,15 @@ def train_step(model, optimizer, step: int, rank: int, world: int, keep_gathered
     return {"loss": float(loss_sum), "grad_norm": grad_norm, "micro_batches": count}
 
 
-def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
+def _job(rank: int, world: int, init_method: str, mode: str, workdir: str) -> None:
     import torch.distributed as dist
 
     from posttrain.trainer.dcp import load_sharded, save_hf_model, save_sharded
     from posttrain.trainer.fsdp import build_optimizer, shard_model
     from posttrain.trainer.weight_sync import gather_full_state_dict, iter_weight_buckets
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
 
     def fresh():
         model = shard_model(tiny_qwen3(), reshard_after_forward=mode != "F")
@@ -148,10 +148,7 @@ def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
 
 
 def _spawn(world: int, mode: str, workdir: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_job, args=(world, port, mode, workdir), nprocs=world, join=True)
+    mp.spawn(_job, args=(world, file_rendezvous(workdir, mode), mode, workdir), nprocs=world, join=True)
     return torch.load(os.path.join(workdir, f"result_{mode}.pt"), weights_only=False)
 
 
@@ -249,7 +246,7 @@ def test_loading_a_missing_checkpoint_names_the_directory(tmp_path):
         load_sharded(str(tmp_path / "nope"), model, torch.optim.AdamW(model.parameters()))
 
 
-def _untied_job(rank: int, world: int, port: int, workdir: str) -> None:
+def _untied_job(rank: int, world: int, init_method: str, workdir: str) -> None:
     """Untied embedding and LM head: 2 ranks with each its own FSDP unit, or 1 process with no FSDP at all."""
     import torch.distributed as dist
 
@@ -257,9 +254,8 @@ def _untied_job(rank: int, world: int, port: int, workdir: str) -> None:
     from posttrain.trainer.packing import HEAD_LOGPROBS_METHOD, use_varlen_attention
     from posttrain.trainer.weight_sync import gather_full_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     if world > 1:
         model = shard_model(tiny_qwen3(tie=False))
         optimizer = build_optimizer(model, lr=LR)
@@ -277,10 +273,8 @@ def _untied_job(rank: int, world: int, port: int, workdir: str) -> None:
 def test_untied_embedding_and_lm_head_as_units_of_their_own_train_like_the_unsharded_model(tmp_path):
     results = {}
     for world in (2, 1):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_untied_job, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+        mp.spawn(_untied_job, args=(world, file_rendezvous(str(tmp_path), f"untied{world}"), str(tmp_path)),
+                 nprocs=world, join=True)
         results[world] = torch.load(tmp_path / f"result_untied_{world}.pt", weights_only=False)
     assert results[2]["head_is_a_unit"] and not results[1]["head_is_a_unit"]
     # Step 1 (same weights) agrees to fp32 noise; after one strongly clipped AdamW step the unsharded and the
