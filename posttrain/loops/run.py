@@ -26,7 +26,7 @@ import ray
 import torch
 
 from posttrain import checkpoint as ckpt
-from posttrain.config import Recipe, recipe_hash, recipe_to_dict
+from posttrain.config import Recipe, canary_tolerance, recipe_hash, recipe_to_dict
 from posttrain.data import DataCursor, DatasetError, encode_prompt, load_prompt_rows
 from posttrain.metrics import MetricsLog, StepTimer, plot_rewards, read_metrics
 from posttrain.orchestration import RolloutGroup, TrainerGroup, start_ray
@@ -387,14 +387,15 @@ def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, c
     A NaN anywhere fails it (NaN compares false with everything, so the test is `not diff <= tolerance`).
     reference: the trainer's log-probs, if already computed (else asked for here)."""
     reference = np.array(trainer.call_collective("canary_logprobs", canary_ids) if reference is None else reference)
+    tolerance = canary_tolerance(recipe)
     worst = 0.0
     for w, engine_lp in enumerate(rollout.canary(canary_ids)):
         diff = float(np.max(np.abs(np.array(engine_lp) - reference)))
         worst = max(worst, diff)
-        if not diff <= recipe.rollout.canary_tolerance:
+        if not diff <= tolerance:
             raise StaleWeightsError(
                 f"weight-sync canary failed at step {step}: rollout worker {w}'s log-probs differ from the "
-                f"trainer's by {diff:.2e} (> rollout.canary_tolerance = {recipe.rollout.canary_tolerance:g}; NaN "
+                f"trainer's by {diff:.2e} (> rollout.canary_tolerance = {tolerance:g}; NaN "
                 "means non-finite weights). The engine is generating with stale or corrupted weights; the run "
                 "stops rather than train on them.")
     return worst

@@ -121,3 +121,17 @@ def test_malformed_dataset_row_is_named(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "row 2" in out.stderr and "`prompt`" in out.stderr
+
+
+def test_the_canary_tolerance_defaults_by_model_dtype_and_an_explicit_one_wins():
+    from posttrain.config import CANARY_TOLERANCE, canary_tolerance
+
+    smoke = os.path.join(REPO, "recipes", "smoke.yaml")
+    assert canary_tolerance(load_recipe(smoke)) == CANARY_TOLERANCE["float32"] == 2e-3
+    for dtype in ("bfloat16", "float16"):
+        recipe = load_recipe(smoke, [f"model.dtype={dtype}", "trainer.fsdp=true"])
+        assert canary_tolerance(recipe) == CANARY_TOLERANCE[dtype] > 2e-3
+    explicit = load_recipe(smoke, ["model.dtype=bfloat16", "trainer.fsdp=true", "rollout.canary_tolerance=0.01"])
+    assert canary_tolerance(explicit) == 0.01
+    with pytest.raises(RecipeError, match="canary_tolerance"):
+        load_recipe(smoke, ["rollout.canary_tolerance=0"])

@@ -99,3 +99,17 @@ def test_speed_options_are_checked_against_the_recipe():
     with pytest.raises(RecipeError, match="not a multiple of trainer.pad_to_multiple"):
         load_recipe("recipes/smoke.yaml", ["trainer.fsdp=true", "trainer.token_budget=1000",
                                            "trainer.pad_to_multiple=64"])
+
+
+def test_a_bfloat16_run_passes_the_canary_at_its_dtype_default_and_fp32_keeps_the_tight_one(tmp_path):
+    """model.dtype: bfloat16 with fsdp (the README's GPU configuration) runs through on the dtype's default canary
+    tolerance: engine and trainer disagree by bf16 rounding of the logits (~0.06–0.125 here), which the float32
+    default (2e-3) would have stopped at step 1 as 'stale weights'; a float32 run stays within 2e-3."""
+    from posttrain.config import CANARY_TOLERANCE
+
+    bf16, fp32 = str(tmp_path / "bf16"), str(tmp_path / "fp32")
+    _run([*FSDP, "total_steps=2", "model.dtype=bfloat16", "--run-dir", bf16])
+    diffs = [r["rollout/canary_max_abs_diff"] for r in _records(bf16)]
+    assert len(diffs) == 2 and all(CANARY_TOLERANCE["float32"] < d <= CANARY_TOLERANCE["bfloat16"] for d in diffs)
+    _run([*FSDP, "total_steps=1", "--run-dir", fp32])
+    assert _records(fp32)[0]["rollout/canary_max_abs_diff"] <= CANARY_TOLERANCE["float32"]
