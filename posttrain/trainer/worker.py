@@ -18,10 +18,13 @@ import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from posttrain.algorithms.logprobs import sequence_token_logprobs
 from posttrain.algorithms.topk import chunked_topk_and_token_logprobs
 
+# How long the ranks' rendezvous store waits for them (torch's default for a process group, 30 min).
+RENDEZVOUS_TIMEOUT = default_pg_timeout
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,7 +144,13 @@ class TrainerRank:
         return [objects[j] if j >= 0 else None for j in mm_prompts.index]
 
     def node_address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+        """Rank 0: the group's rendezvous, bound now — a TCPStore on a port the OS picks — and its address for the
+        other ranks. (A free port probed, closed and bound later by init_process_group could be taken in between by
+        any other process on the node: a Ray worker, an engine.)"""
+        host = ray.util.get_node_ip_address()
+        self._rendezvous = dist.TCPStore(host, 0, self.world_size, is_master=True, wait_for_workers=False,
+                                         timeout=RENDEZVOUS_TIMEOUT)
+        return host, self._rendezvous.port
 
     def fit_threads(self, engines_busy: bool) -> int:
         """torch's threads for the next pass: trainer.torch_threads, or with 0 the CPUs the pass has — all of the
@@ -164,7 +173,10 @@ class TrainerRank:
         if not (dist.is_initialized() and dist.get_world_size() == self.world_size == 1):
             # (a single-rank trainer in a process that already holds a world-size-1 group — an in-process vLLM
             # engine makes one — reuses it: a second default group cannot be created)
-            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+            store = getattr(self, "_rendezvous", None) or dist.TCPStore(
+                master_addr, master_port, self.world_size, is_master=self.rank == 0, wait_for_workers=False,
+                timeout=RENDEZVOUS_TIMEOUT)       # (a TrainerRank set up by hand, without node_address)
+            dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(s.seed)
