@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -30,7 +29,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tests.helpers import REPO
+from tests.helpers import REPO, file_rendezvous
 
 pytestmark = pytest.mark.integration
 
@@ -203,15 +202,14 @@ def _load(sharded: bool, train_vision: bool = True, keep_gathered: bool = False)
     return model, optimizer
 
 
-def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
+def _job(rank: int, world: int, init_method: str, mode: str, workdir: str) -> None:
     import torch.distributed as dist
 
     from posttrain.trainer.dcp import load_sharded, save_hf_model, save_sharded
     from posttrain.trainer.weight_sync import gather_full_state_dict, iter_weight_buckets
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     sharded = mode not in ("P", "PF")
     model, optimizer = _load(sharded, train_vision=mode not in ("PF", "SF"), keep_gathered=mode == "K")
     result = {}
@@ -238,10 +236,7 @@ def _job(rank: int, world: int, port: int, mode: str, workdir: str) -> None:
 
 
 def _spawn(world: int, mode: str, workdir: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_job, args=(world, port, mode, workdir), nprocs=world, join=True)
+    mp.spawn(_job, args=(world, file_rendezvous(workdir, mode), mode, workdir), nprocs=world, join=True)
     return torch.load(os.path.join(workdir, f"result_{mode}.pt"), weights_only=False)
 
 
