@@ -228,6 +228,7 @@ class TrainerRank:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                                weight_decay=opt.weight_decay)
         self.model.config.use_cache = False
+        self.model.config.get_text_config().use_cache = False   # (a VL model's body reads its text config's flag)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, opt.total_steps, opt.min_lr_ratio))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
