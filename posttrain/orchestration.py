@@ -160,6 +160,10 @@ class RolloutGroup:
     def canary(self, token_ids: list[int]) -> list[list[float]]:
         return ray.get([w.prompt_token_logprobs.remote(token_ids) for w in self.workers])
 
+    def weight_versions(self) -> list[int]:
+        """The weights version each engine last loaded (the trainer step of its update_weights)."""
+        return ray.get([w.ping.remote() for w in self.workers])
+
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """One mini-batch's metrics from every rank's: the objective's (per-rank means over that rank's sequences)

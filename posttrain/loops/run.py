@@ -383,9 +383,17 @@ def sync_weights(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, c
 
 def check_canary(recipe: Recipe, trainer: TrainerGroup, rollout: RolloutGroup, canary_ids: list[int],
                  step: int, reference: list[float] | None = None) -> float:
-    """Stale-weights canary: engine and trainer log-probs of a fixed sequence must agree after every sync.
-    A NaN anywhere fails it (NaN compares false with everything, so the test is `not diff <= tolerance`).
+    """Stale-weights checks after every sync: each engine reports the weights version it loaded, which must be
+    `step` (exact in any dtype), and engine and trainer log-probs of a fixed sequence must agree (catches weights
+    that arrived wrong: a bad name mapping, a partial load, non-finite values). A NaN anywhere fails it (NaN
+    compares false with everything, so the test is `not diff <= tolerance`).
     reference: the trainer's log-probs, if already computed (else asked for here)."""
+    for w, version in enumerate(rollout.weight_versions()):
+        if version != step:
+            raise StaleWeightsError(
+                f"weight-sync check failed at step {step}: rollout worker {w} holds weights version {version}, the "
+                f"trainer's are version {step}. The engine would generate with stale weights; the run stops rather "
+                "than train on them.")
     reference = np.array(trainer.call_collective("canary_logprobs", canary_ids) if reference is None else reference)
     tolerance = canary_tolerance(recipe)
     worst = 0.0

@@ -141,7 +141,7 @@ def test_a_non_finite_update_is_skipped_and_leaves_the_weights_alone(trainer_ran
 
 
 @pytest.mark.unit
-def test_the_canary_fails_on_nan():
+def test_the_canary_fails_on_nan_and_on_an_engine_holding_another_weights_version():
     from posttrain.loops.run import StaleWeightsError, check_canary
 
     class Trainer:
@@ -149,16 +149,22 @@ def test_the_canary_fails_on_nan():
             return [-1.0, -2.0]
 
     class Rollout:
-        def __init__(self, values):
-            self.values = values
+        def __init__(self, values, versions=(1,)):
+            self.values, self.versions = values, list(versions)
 
         def canary(self, ids):
-            return [self.values]
+            return [self.values] * len(self.versions)
+
+        def weight_versions(self):
+            return self.versions
 
     recipe = parse_recipe(BASE)
     assert check_canary(recipe, Trainer(), Rollout([-1.0, -2.0005]), [1, 2, 3], 1) == pytest.approx(5e-4)
     with pytest.raises(StaleWeightsError, match="NaN means non-finite weights"):
         check_canary(recipe, Trainer(), Rollout([-1.0, float("nan")]), [1, 2, 3], 1)
+    # Log-probs that agree do not hide an engine one version behind (in bf16 a one-step-old engine is within noise).
+    with pytest.raises(StaleWeightsError, match="rollout worker 1 holds weights version 1, the trainer's are version 2"):
+        check_canary(recipe, Trainer(), Rollout([-1.0, -2.0], versions=(2, 1)), [1, 2, 3], 2)
 
 
 @pytest.mark.unit
