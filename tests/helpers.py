@@ -107,3 +107,37 @@ def file_rendezvous(directory: str, name: str) -> str:
     import uuid
 
     return "file://" + os.path.join(directory, f"rendezvous-{name}-{uuid.uuid4().hex}")
+
+
+def run_posttrain(args: list[str]):
+    """`posttrain run ARGS --no-progress` from the repository root; fails the test with its stderr unless it exits 0."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", *args, "--no-progress"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics_records(run_dir: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+
+
+def final_weights(run_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def spawn_ranks(job, world: int, mode: str, workdir: str) -> dict:
+    """`job(rank, world, init_method, mode, workdir)` on `world` spawned processes (a fresh file rendezvous); returns
+    what rank 0 saved to workdir/result_{mode}.pt."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(job, args=(world, file_rendezvous(workdir, mode), mode, workdir), nprocs=world, join=True)
+    return torch.load(os.path.join(workdir, f"result_{mode}.pt"), weights_only=False)
+

@@ -57,12 +57,7 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
     attention_backend: the CUDA kernel of packed attention (packing.VARLEN_BACKENDS).
     Also switches the model to packed-sequence attention (packing.py) and registers the packed log-prob forward
     as an FSDP forward method. Returns the model (now an FSDPModule)."""
-    if model.dtype != torch.float32 and compute_dtype is not None:
-        raise ValueError(f"the model's stored weights are {model.dtype}: load it in float32 so that the optimizer "
-                         f"updates fp32 master weights (compute_dtype={compute_dtype} is used for the forward)")
-    if mesh is None:
-        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = checked_mesh(model, compute_dtype, mesh)
     model.config.use_cache = False
     use_varlen_attention(model, attention_backend)
     if activation_checkpointing:
@@ -75,29 +70,52 @@ def shard_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, compu
         policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is not embedding.weight:
-        # An untied embedding and LM head become units of their own: each is gathered only around its use and
-        # its gradient reduced (in fp32) as soon as it is complete. Left in the root unit, their bf16 copies and
-        # gradients live through the whole backward and are reduced together at its end — at 8B 2 × 622 M
-        # parameters, the ~7 GiB that kept one H200's peak above 75 GiB.
-        fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
-        fully_shard(head, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
-        setattr(head, HEAD_LOGPROBS_METHOD, MethodType(_lm_head_outputs, head))
-        register_fsdp_forward_method(head, HEAD_LOGPROBS_METHOD)   # FSDP gathers W around the chunked LM head
+    shard_untied_embedding_and_head(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     if compile_layers:
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)      # packed micro-batches vary in length: one dynamic-shape graph
-    for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
-            module.set_gradient_divide_factor(1.0)
-            # A plain SUM collective (gloo has no pre-multiplied sum; dividing by 1 afterwards is free).
-            module.set_force_sum_reduction_for_comms(True)
+    sum_gradients_over_ranks(model)
     setattr(model.get_output_embeddings(), LM_HEAD_STORES_PROBS, lm_head_store_probs)
     setattr(model, PACKED_FORWARD_METHOD, MethodType(_packed_forward, model))
     register_fsdp_forward_method(model, PACKED_FORWARD_METHOD)
     return model
+
+
+def checked_mesh(model: torch.nn.Module, compute_dtype: torch.dtype | None, mesh: DeviceMesh | None) -> DeviceMesh:
+    """The mesh to shard over (default: every rank of the default group), once the stored weights are known to be
+    fp32 masters when a lower compute dtype is asked for."""
+    if model.dtype != torch.float32 and compute_dtype is not None:
+        raise ValueError(f"the model's stored weights are {model.dtype}: load it in float32 so that the optimizer "
+                         f"updates fp32 master weights (compute_dtype={compute_dtype} is used for the forward)")
+    if mesh is None:
+        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    return mesh
+
+
+def shard_untied_embedding_and_head(model: torch.nn.Module, **fully_shard_kwargs) -> None:
+    """An untied embedding and LM head become units of their own: each is gathered only around its use and its
+    gradient reduced (in fp32) as soon as it is complete. Left in the root unit, their bf16 copies and gradients
+    live through the whole backward and are reduced together at its end — at 8B 2 × 622 M parameters, the ~7 GiB
+    that kept one H200's peak above 75 GiB. A tied pair stays in the root (one parameter)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return
+    fully_shard(embedding, **fully_shard_kwargs)
+    fully_shard(head, **fully_shard_kwargs)
+    setattr(head, HEAD_LOGPROBS_METHOD, MethodType(_lm_head_outputs, head))
+    register_fsdp_forward_method(head, HEAD_LOGPROBS_METHOD)   # FSDP gathers W around the chunked LM head
+
+
+def sum_gradients_over_ranks(model: torch.nn.Module) -> None:
+    """Every FSDP unit reduces gradients as a plain SUM (divide factor 1): the trainer scales each micro-batch's
+    loss by its share of the global mini-batch, so the sum is the global mean. (gloo has no pre-multiplied sum;
+    dividing by 1 afterwards is free.)"""
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def hold_gathered_weights(model: torch.nn.Module, hold: bool) -> None:

@@ -128,6 +128,7 @@ class TrainerRank:
         self.rank, self.world_size, self.settings = rank, world_size, settings
         self.objective = settings.objective
         self._media: tuple[bytes, list] | None = None    # the last step's shared media: (ObjectRef id, objects)
+        self._rendezvous: dist.TCPStore | None = None     # rank 0's group store, bound by node_address
 
     def resolve_media(self, mm_prompts) -> list | None:
         """Each sample's MultimodalPrompt (None: text) from a call's media argument: a list as is, or a SharedMedia
@@ -173,9 +174,10 @@ class TrainerRank:
         if not (dist.is_initialized() and dist.get_world_size() == self.world_size == 1):
             # (a single-rank trainer in a process that already holds a world-size-1 group — an in-process vLLM
             # engine makes one — reuses it: a second default group cannot be created)
-            store = getattr(self, "_rendezvous", None) or dist.TCPStore(
-                master_addr, master_port, self.world_size, is_master=self.rank == 0, wait_for_workers=False,
-                timeout=RENDEZVOUS_TIMEOUT)       # (a TrainerRank set up by hand, without node_address)
+            store = self._rendezvous
+            if store is None:     # (a TrainerRank set up by hand, without node_address)
+                store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
+                                      wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT)
             dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -31,11 +31,12 @@ from types import MethodType
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from posttrain.algorithms.topk import DEFAULT_CHUNK_SIZE
-from posttrain.trainer.fsdp import decoder_layers
+from posttrain.trainer.fsdp import (checked_mesh, decoder_layers, shard_untied_embedding_and_head,
+                                    sum_gradients_over_ranks)
 from posttrain.trainer.packing import HEAD_LOGPROBS_METHOD, LM_HEAD_STORES_PROBS, _lm_head_outputs
 from posttrain.vl.logprobs import PIXEL_KEYS, VLSequence, pack_vl_sequences, vl_position_ids
 
@@ -52,12 +53,7 @@ def shard_vl_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, co
     layer in backward), cpu_offload, reshard_after_forward=False (trainer.keep_weights_gathered),
     lm_head_store_probs. Freeze the vision tower (logprobs.set_vision_trainable) BEFORE sharding: FSDP copies
     requires_grad into the sharded parameters."""
-    if model.dtype != torch.float32 and compute_dtype is not None:
-        raise ValueError(f"the model's stored weights are {model.dtype}: load it in float32 so that the optimizer "
-                         f"updates fp32 master weights (compute_dtype={compute_dtype} is used for the forward)")
-    if mesh is None:
-        device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = checked_mesh(model, compute_dtype, mesh)
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False   # the flag the body reads: no K/V cache built in training passes
     if activation_checkpointing:
@@ -68,18 +64,9 @@ def shard_vl_model(model: torch.nn.Module, *, mesh: DeviceMesh | None = None, co
         policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in decoder_layers(model):          # vision blocks and decoder layers alike
         fully_shard(block, mesh=mesh, **policy)
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is not embedding.weight:
-        # As on the text path: each gathered only around its use, its gradient reduced as soon as it is complete.
-        fully_shard(embedding, mesh=mesh, **policy)
-        fully_shard(head, mesh=mesh, **policy)
-        setattr(head, HEAD_LOGPROBS_METHOD, MethodType(_lm_head_outputs, head))
-        register_fsdp_forward_method(head, HEAD_LOGPROBS_METHOD)
+    shard_untied_embedding_and_head(model, mesh=mesh, **policy)
     fully_shard(model, mesh=mesh, **policy)
-    for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)     # a plain SUM collective (gloo has no pre-scaled sum)
+    sum_gradients_over_ranks(model)
     setattr(model.get_output_embeddings(), LM_HEAD_STORES_PROBS, lm_head_store_probs)
     setattr(model, VL_FORWARD_METHOD, MethodType(_vl_forward, model))
     register_fsdp_forward_method(model, VL_FORWARD_METHOD)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import file_rendezvous
+from tests.helpers import file_rendezvous, spawn_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -148,8 +148,7 @@ def _job(rank: int, world: int, init_method: str, mode: str, workdir: str) -> No
 
 
 def _spawn(world: int, mode: str, workdir: str) -> dict:
-    mp.spawn(_job, args=(world, file_rendezvous(workdir, mode), mode, workdir), nprocs=world, join=True)
-    return torch.load(os.path.join(workdir, f"result_{mode}.pt"), weights_only=False)
+    return spawn_ranks(_job, world, mode, workdir)
 
 
 @pytest.fixture(scope="module")

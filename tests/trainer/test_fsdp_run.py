@@ -1,34 +1,16 @@
 """The FSDP2 trainer through real runs (trainer.fsdp: true): 2 sharded ranks against 1, and a sharded checkpoint
 resumed on a different number of ranks. (The building blocks are tested on their own in test_fsdp.py.)"""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import REPO
+from tests.helpers import final_weights, metrics_records, run_posttrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FSDP = ["recipes/smoke.yaml", "trainer.fsdp=true", "data.eval_files=[]", "checkpoint.every=1"]
 
 
-def _run(args):
-    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", *args, "--no-progress"], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=REPO))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def _records(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-
-
-def _weights(run_dir):
-    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+_run, _records, _weights = run_posttrain, metrics_records, final_weights
 
 
 def test_two_sharded_ranks_match_one_and_resume_across_rank_counts(tmp_path):

@@ -21,15 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, file_rendezvous
+from tests.helpers import REPO, final_weights, metrics_records, run_posttrain, spawn_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -236,8 +233,7 @@ def _job(rank: int, world: int, init_method: str, mode: str, workdir: str) -> No
 
 
 def _spawn(world: int, mode: str, workdir: str) -> dict:
-    mp.spawn(_job, args=(world, file_rendezvous(workdir, mode), mode, workdir), nprocs=world, join=True)
-    return torch.load(os.path.join(workdir, f"result_{mode}.pt"), weights_only=False)
+    return spawn_ranks(_job, world, mode, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -409,19 +405,7 @@ VL_FSDP = [VL_RECIPE, "trainer.fsdp=true", "rollout.prompts_per_step=2", "rollou
            "data.eval_files=[]", "data.eval_every=0", "checkpoint.every=1", "trainer.micro_batch_size=2"]
 
 
-def _run(args):
-    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", *args, "--no-progress"], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=REPO))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def _records(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-
-
-def _final(run_dir):
-    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+_run, _records, _final = run_posttrain, metrics_records, final_weights
 
 
 @pytest.mark.slow
